@@ -1,0 +1,134 @@
+"""
+Benchmarks for trb.py, each figure a ratio measured side by side in one process (medians of several runs).
+
+    python bench.py            # every benchmark
+    python bench.py solve      # solve_beta vs one log_softmax at Qwen3's vocabulary (B=8, V=151936, fp32)
+    python bench.py memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
+    python bench.py sampler    # blended_generate vs model.generate on small Qwen3-shaped models
+
+CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
+"""
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import trb
+
+
+def median_time(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bisection_beta(student_logits, teacher_logits, eps, iters=40):
+    """The paper's baseline solver: plain float32 bisection on KL(mu_beta || pi_S) <= eps (for scale only)."""
+    log_ps = torch.log_softmax(student_logits.float(), -1)
+    r = torch.log_softmax(teacher_logits.float(), -1) - log_ps
+    lo = torch.zeros(student_logits.shape[:-1])
+    hi = torch.ones_like(lo)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        log_mu = torch.log_softmax(log_ps + mid.unsqueeze(-1) * r, -1)
+        kl = (log_mu.exp() * (log_mu - log_ps)).sum(-1)
+        lo, hi = torch.where(kl <= eps, mid, lo), torch.where(kl <= eps, hi, mid)
+    return lo
+
+
+def bench_solve(args):
+    """solve_beta cost in units of one torch.log_softmax of the same (B, V) tensor."""
+    g = torch.Generator().manual_seed(0)
+    B, V = 8, 151936
+    student = torch.randn(B, V, generator=g) * 3  # (B, V) student logits
+    teacher = student + torch.randn(B, V, generator=g) * 2  # (B, V) a correlated, different teacher
+    rows = []
+    for eps in (0.001, 0.02, 0.1):
+        ratios = []
+        for _ in range(args.runs):  # alternate the two so that machine noise hits both alike
+            t_ref = median_time(lambda: torch.log_softmax(student, -1), args.repeats)
+            t_solve = median_time(lambda: trb.solve_beta(student, teacher, eps), args.repeats)
+            ratios.append(t_solve / t_ref)
+        beta = trb.solve_beta(student, teacher, eps)
+        log_mu = trb.blend_logprobs(student.double(), teacher.double(), beta.double())  # checked in float64
+        kl = (log_mu.exp() * (log_mu - torch.log_softmax(student.double(), -1))).sum(-1)
+        rows.append(dict(eps=eps, ratio=statistics.median(ratios), ratios=[round(x, 2) for x in ratios],
+                         mean_beta=beta.mean().item(), max_rel_kl_error=((kl - eps).abs() / eps).max().item(),
+                         log_softmax_ms=1e3 * t_ref))
+    t_ref = median_time(lambda: torch.log_softmax(student, -1), args.repeats)
+    t_bisect = median_time(lambda: bisection_beta(student, teacher, 0.02), 3, warmup=1)
+    print(f"solve_beta, B={B}, V={V}, float32, {torch.get_num_threads()} threads "
+          f"(median of {args.runs} runs x {args.repeats} repeats; unit = one log_softmax, {1e3 * t_ref:.2f} ms)")
+    for row in rows:
+        print(f"  eps={row['eps']:<6} solve_beta = {row['ratio']:5.1f}x log_softmax  runs {row['ratios']}  "
+              f"mean beta {row['mean_beta']:.4f}  max |KL-eps|/eps {row['max_rel_kl_error']:.1e}")
+    print(f"  for scale: 40-step float32 bisection = {t_bisect / t_ref:.0f}x log_softmax")
+    return rows
+
+
+def _peak_memory_child(mode, chunk_size):
+    """Run in a fresh process: peak extra RSS (MiB) of one forward + backward of the loss."""
+    torch.manual_seed(0)
+    N, H, V = 2048, 256, 151936  # B*T = 2048 positions
+    hs = torch.randn(1, N, H, requires_grad=True)
+    ws = (torch.randn(V, H) * 0.05).requires_grad_()
+    ht, wt = torch.randn(1, N, H), torch.randn(V, H) * 0.05
+    mask = torch.ones(1, N, dtype=torch.bool)
+    ws.grad = torch.zeros_like(ws)  # gradient buffers exist in both paths, so they are not "extra"
+    hs.grad = torch.zeros_like(hs)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "dense":
+        loss = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
+    else:
+        loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+    loss.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(extra_mib=(after - before) / 1024, loss=loss.item())))
+
+
+def bench_memory(args):
+    """Peak extra memory (forward + backward) of chunked_opd_loss vs dense logits, each in a fresh process."""
+    results = {}
+    for mode, chunk in (("dense", 0), ("chunked", 1024), ("chunked", 256)):
+        out = subprocess.run([sys.executable, __file__, "_memory_child", mode, str(chunk)],
+                             capture_output=True, text=True, check=True)
+        results[(mode, chunk)] = json.loads(out.stdout.strip().splitlines()[-1])
+    dense = results[("dense", 0)]
+    print("chunked_opd_loss vs dense opd_loss, B*T=2048, V=151936, H=256, float32, forward + backward "
+          "(peak extra RSS, fresh process each)")
+    print(f"  dense logits                  {dense['extra_mib']:8.0f} MiB   loss {dense['loss']:.6f}")
+    for (mode, chunk), row in results.items():
+        if mode == "chunked":
+            print(f"  chunked, chunk_size={chunk:<5}    {row['extra_mib']:8.0f} MiB   loss {row['loss']:.6f}   "
+                  f"= {row['extra_mib'] / dense['extra_mib']:.3f} of dense")
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", default=["solve", "memory"], help="solve | memory | sampler")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.which[:1] == ["_memory_child"]:
+        return _peak_memory_child(args.which[1], int(args.which[2]))
+    for name in args.which:
+        {"solve": bench_solve, "memory": bench_memory}[name](args)
+        print()
+
+
+if __name__ == "__main__":
+    main()

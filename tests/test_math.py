@@ -1,0 +1,290 @@
+"""Tier 1: the maths of trb.py (E1-E5) against float64 brute force."""
+import math
+
+import pytest
+import torch
+
+import trb
+
+EPS_GRID = [1e-3, 1e-2, 0.1, 0.5]
+
+
+# ----------------------------------------------------------------------------- float64 brute force, row by row
+
+
+def ref_blend(s, t, beta):
+    """log mu_beta for one row in float64, with the zero-probability rules spelled out token by token."""
+    log_ps, log_pt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    if beta == 0:
+        return log_ps
+    w = torch.full_like(log_ps, -math.inf)
+    for a in range(len(w)):
+        if math.isfinite(log_ps[a]) and math.isfinite(log_pt[a]):
+            w[a] = (1 - beta) * log_ps[a] + beta * log_pt[a]
+    return w - torch.logsumexp(w, -1)
+
+
+def ref_kl(log_p, log_q):
+    """KL(p || q) for one row in float64 by a plain loop."""
+    total = 0.0
+    for a in range(len(log_p)):
+        if log_p[a] > -math.inf:
+            total += math.exp(log_p[a]) * float(log_p[a] - log_q[a])
+    return total
+
+
+def ref_realised_kl(s, t, beta):
+    return ref_kl(ref_blend(s, t, beta), torch.log_softmax(s.double(), -1))
+
+
+def ref_beta(s, t, eps, iters=60):
+    """The largest beta in [0, 1] with KL(mu_beta || pi_S) <= eps, by float64 bisection."""
+    if eps == 0:
+        return 0.0
+    if ref_realised_kl(s, t, 1.0) <= eps:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ref_realised_kl(s, t, mid) <= eps else (lo, mid)
+    return lo
+
+
+def logit_cases():
+    """Random and adversarial (student, teacher) logit batches, (B, V) each."""
+    g = torch.Generator().manual_seed(0)
+    B, V = 6, 40
+    cases = {"random": (torch.randn(B, V, generator=g) * 2, torch.randn(B, V, generator=g) * 2)}
+    s, t = torch.randn(B, V, generator=g), torch.randn(B, V, generator=g) * 4
+    cases["peaked_teacher"] = (s, t)
+    s, t = torch.randn(B, V, generator=g) * 3, torch.randn(B, V, generator=g) * 3
+    s[:, :5] = -math.inf  # student zeros
+    t[:, 3:9] = -math.inf  # teacher zeros, overlapping the student's
+    cases["neg_inf_both"] = (s, t)
+    cases["thousands"] = (torch.randn(B, V, generator=g) * 1000 + 3000, torch.randn(B, V, generator=g) * 1000 - 2000)
+    cases["large_offset_close"] = (torch.randn(B, V, generator=g) + 5000, torch.randn(B, V, generator=g) * 0.5 - 5000)
+    s = torch.randn(B, V, generator=g) * 2
+    cases["identical"] = (s, s.clone())
+    return cases
+
+
+# ----------------------------------------------------------------------------- E5
+
+
+def test_kl_budget_schedule():
+    """E5: linear decay from eps0 at step 0 to exactly 0.0 at and after K; None keeps eps0."""
+    assert trb.kl_budget(0, 0.02, 50) == 0.02
+    assert trb.kl_budget(25, 0.02, 50) == pytest.approx(0.01)
+    assert trb.kl_budget(50, 0.02, 50) == 0.0 and trb.kl_budget(500, 0.02, 50) == 0.0
+    assert trb.kl_budget(10_000, 0.02, None) == 0.02
+    with pytest.raises(ValueError):
+        trb.kl_budget(0, -0.1, 50)
+
+
+# ----------------------------------------------------------------------------- E4
+
+
+@pytest.mark.parametrize("case", list(logit_cases()))
+def test_solve_beta_matches_float64_bisection(case):
+    """solve_beta agrees with a float64 bisection to 1e-3 in beta, or to 1e-3 relative in realised KL."""
+    s, t = logit_cases()[case]
+    for eps in EPS_GRID:
+        beta = trb.solve_beta(s, t, eps)
+        for i in range(s.shape[0]):
+            expected = ref_beta(s[i], t[i], eps)
+            kl = ref_realised_kl(s[i], t[i], beta[i].item())
+            close = abs(beta[i].item() - expected) <= 1e-3 or abs(kl - eps) <= 1e-3 * eps
+            assert close, (case, eps, i, beta[i].item(), expected, kl)
+
+
+@pytest.mark.parametrize("case", list(logit_cases()))
+def test_solve_beta_feasible_and_tight(case):
+    """The realised KL never exceeds eps by over 1e-3 relative, and beta is tight unless it is 1."""
+    s, t = logit_cases()[case]
+    eps = torch.tensor([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3])  # one budget per row, as a tensor
+    beta = trb.solve_beta(s, t, eps)
+    assert beta.shape == s.shape[:-1] and bool(((beta >= 0) & (beta <= 1)).all())
+    for i in range(s.shape[0]):
+        e, b = eps[i].item(), beta[i].item()
+        kl = ref_realised_kl(s[i], t[i], b)
+        assert kl <= e * (1 + 1e-3), (case, i, b, kl, e)
+        tight = b == 1.0 or kl >= e * (1 - 1e-3) or abs(b - ref_beta(s[i], t[i], e)) <= 1e-3
+        assert tight, (case, i, b, kl, e)
+
+
+def test_solve_beta_endpoints():
+    """eps = 0 gives mu = pi_S exactly; eps >= KL(pi_T || pi_S) and eps = inf give beta = 1 and mu = pi_T."""
+    s, t = logit_cases()["random"]
+    beta0 = trb.solve_beta(s, t, 0.0)
+    assert bool((beta0 == 0).all())
+    assert torch.equal(trb.blend_logprobs(s, t, beta0), torch.log_softmax(s, -1))
+    kl_teacher = trb.reverse_kl(t, s)  # KL(pi_T || pi_S) per row
+    for eps in (kl_teacher * (1 + 1e-4), math.inf):
+        beta1 = trb.solve_beta(s, t, eps)
+        assert bool((beta1 == 1).all())
+        torch.testing.assert_close(trb.blend_logprobs(s, t, beta1), torch.log_softmax(t, -1), atol=1e-5, rtol=0)
+
+
+def test_solve_beta_small_budget_approximation():
+    """For small eps, beta* ~ sqrt(2 eps / Var_{pi_S}[r]) to first order (float64)."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 100, generator=g, dtype=torch.float64), torch.randn(8, 100, generator=g, dtype=torch.float64)
+    log_ps, log_pt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    r = log_pt - log_ps
+    ps = log_ps.exp()
+    var = (ps * r * r).sum(-1) - (ps * r).sum(-1) ** 2
+    for eps in (1e-6, 1e-8):
+        beta = trb.solve_beta(s, t, eps)
+        assert beta.dtype == torch.float64
+        approx = torch.sqrt(2 * eps / var)
+        torch.testing.assert_close(beta, approx, rtol=50 * approx.max().item(), atol=0)  # error is O(beta)
+
+
+def test_solve_beta_special_inputs_are_finite():
+    """bf16 input, rows with disjoint supports, and all-identical models give finite betas with the right values."""
+    s, t = logit_cases()["random"]
+    beta_bf16 = trb.solve_beta(s.bfloat16(), t.bfloat16(), 0.05)
+    assert beta_bf16.dtype == torch.float32 and bool(torch.isfinite(beta_bf16).all())
+    torch.testing.assert_close(beta_bf16, trb.solve_beta(s.bfloat16().float(), t.bfloat16().float(), 0.05))
+    disjoint_s = torch.tensor([[0.0, 1.0, -math.inf, -math.inf]])
+    disjoint_t = torch.tensor([[-math.inf, -math.inf, 2.0, 0.0]])
+    for eps in (0.1, math.inf):
+        assert trb.solve_beta(disjoint_s, disjoint_t, eps).item() == 0.0
+    assert bool(torch.isfinite(trb.blend_logprobs(disjoint_s, disjoint_t, 1.0)).any())
+    same = trb.solve_beta(s, s, 0.01)
+    assert bool((same == 1).all())
+
+
+def test_solve_beta_rejects_bad_eps():
+    """A negative or NaN budget is an error, not a silent clamp."""
+    s, t = logit_cases()["random"]
+    for eps in (-0.1, math.nan):
+        with pytest.raises(ValueError):
+            trb.solve_beta(s, t, eps)
+
+
+# ----------------------------------------------------------------------------- E3
+
+
+@pytest.mark.parametrize("case", list(logit_cases()))
+def test_blend_logprobs_normalised_and_exact(case):
+    """blend_logprobs is a normalised log-distribution, never NaN, equal to the float64 token-by-token blend."""
+    s, t = logit_cases()[case]
+    for beta in (0.0, 0.3, 1.0):
+        out = trb.blend_logprobs(s, t, beta)
+        assert not bool(out.isnan().any())
+        torch.testing.assert_close(torch.logsumexp(out, -1), torch.zeros(s.shape[0]), atol=1e-5, rtol=0)
+        for i in range(s.shape[0]):
+            torch.testing.assert_close(out[i].double().exp(), ref_blend(s[i], t[i], beta).exp(), atol=1e-5, rtol=1e-4)
+
+
+def test_blend_zero_probability_rules():
+    """Student zeros stay zero for every beta; teacher zeros are zero for beta > 0 and kept at beta = 0."""
+    s = torch.tensor([[0.0, 1.0, -math.inf, 0.5]])
+    t = torch.tensor([[1.0, -math.inf, 2.0, 0.0]])
+    assert trb.blend_logprobs(s, t, 0.0)[0, 1] > -math.inf
+    for beta in (0.0, 1e-3, 0.5, 1.0):
+        out = trb.blend_logprobs(s, t, beta)
+        assert out[0, 2] == -math.inf
+        if beta > 0:
+            assert out[0, 1] == -math.inf
+
+
+# ----------------------------------------------------------------------------- E1
+
+
+def test_reverse_kl_equals_direct_formula():
+    """reverse_kl equals sum_a p_S (log p_S - log p_T) computed by a float64 loop, including -inf logits."""
+    for case, (s, t) in logit_cases().items():
+        if case == "neg_inf_both":
+            t = t.masked_fill(torch.isinf(s), -math.inf)  # keep the KL finite: teacher zeros only where the student's are
+            s = s.masked_fill(torch.isinf(t), -math.inf)
+        kl = trb.reverse_kl(s, t)
+        for i in range(s.shape[0]):
+            expected = ref_kl(torch.log_softmax(s[i].double(), -1), torch.log_softmax(t[i].double(), -1))
+            assert kl[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-5), case
+    s, _ = logit_cases()["random"]
+    assert torch.allclose(trb.reverse_kl(s, s), torch.zeros(s.shape[0]), atol=1e-6)
+
+
+def test_opd_loss_gradient_matches_float64_reference():
+    """opd_loss and its student gradient equal autograd of a float64 reference; the teacher gets no gradient."""
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(3, 5, 30, generator=g) * 2).requires_grad_()
+    t = (torch.randn(3, 5, 30, generator=g) * 2).requires_grad_()
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    loss = trb.opd_loss(s, t, mask)
+    loss.backward()
+    s64 = s.detach().double().requires_grad_()
+    log_ps, log_pt = torch.log_softmax(s64, -1), torch.log_softmax(t.detach().double(), -1)
+    per_pos = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    expected = (per_pos * mask).sum() / mask.sum()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-7, rtol=1e-4)
+    assert t.grad is None
+
+
+def test_opd_loss_no_gradient_leaks_into_masked_positions():
+    """Masked-out positions get exactly zero gradient, even when their logits are inf/NaN; an empty mask gives 0."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 4, 16, generator=g)
+    t = torch.randn(2, 4, 16, generator=g)
+    s[0, 1] = math.nan
+    t[1, 2, :3] = -math.inf
+    s = s.requires_grad_()
+    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    trb.opd_loss(s, t, mask).backward()
+    assert bool(torch.isfinite(s.grad).all())
+    assert bool((s.grad[~mask] == 0).all()) and bool((s.grad[mask].abs().sum(-1) > 0).all())
+    empty = trb.opd_loss(s, t, torch.zeros_like(mask))
+    assert empty.item() == 0.0
+    empty.backward()
+
+
+def test_opd_loss_gradient_descends():
+    """A small step along -grad lowers the loss (the gradient points the right way)."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 20, generator=g).requires_grad_()
+    t = torch.randn(4, 20, generator=g)
+    mask = torch.ones(4, dtype=torch.bool)
+    loss = trb.opd_loss(s, t, mask)
+    loss.backward()
+    assert trb.opd_loss(s.detach() - 0.1 * s.grad, t, mask) < loss
+
+
+def test_topk_equal_to_vocab_is_exact():
+    """topk >= V equals the exact loss; a smaller topk is the KL of the renormalised student to the teacher."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 3, 12, generator=g), torch.randn(2, 3, 12, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    exact = trb.opd_loss(s, t, mask)
+    assert trb.opd_loss(s, t, mask, topk=12).item() == pytest.approx(exact.item(), rel=1e-6)
+    assert trb.opd_loss(s, t, mask, topk=50).item() == pytest.approx(exact.item(), rel=1e-6)
+    k = 4
+    index = s.topk(k, -1).indices
+    log_q = torch.log_softmax(s.gather(-1, index).double(), -1)
+    log_pt = torch.log_softmax(t.double(), -1).gather(-1, index)
+    expected = (log_q.exp() * (log_q - log_pt)).sum(-1).mean()
+    assert trb.opd_loss(s, t, mask, topk=k).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_chunked_opd_loss_equals_dense(topk):
+    """chunked_opd_loss equals opd_loss on materialised logits in value and all gradients, chunk not dividing n."""
+    g = torch.Generator().manual_seed(6)
+    B, T, Hs, Ht, V = 2, 7, 8, 12, 33
+    hs = torch.randn(B, T, Hs, generator=g, requires_grad=True)
+    ws = torch.randn(V, Hs, generator=g, requires_grad=True)
+    ht, wt = torch.randn(B, T, Ht, generator=g), torch.randn(V, Ht, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3  # n masked-in positions, not a multiple of the chunk size
+    assert mask.sum() % 4 != 0
+    dense = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask, topk=topk)
+    dense_grads = torch.autograd.grad(dense, (hs, ws))
+    chunked = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4, topk=topk)
+    chunked_grads = torch.autograd.grad(chunked, (hs, ws))
+    torch.testing.assert_close(chunked, dense)
+    for got, want in zip(chunked_grads, dense_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, topk=topk), dense)

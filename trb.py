@@ -1,0 +1,297 @@
+"""
+Trust-Region Behavior Blending (TRB) for on-policy distillation.
+Paper: Plyusov et al., "Trust-Region Behavior Blending for On-Policy Distillation", arXiv 2605.31159 (2026).
+
+On-policy distillation (OPD) trains a student pi_S on prefixes it samples itself, with a per-prefix reverse KL to
+a frozen teacher pi_T (E1). Early student rollouts are poor, so TRB samples warmup rollouts from the most
+teacher-like distribution inside a KL trust region around the student (E2). That distribution is a geometric blend
+of the two models (E3) whose strength beta is solved per token (E4). The budget eps anneals to zero (E5), after
+which training is plain OPD. TRB changes only which prefixes are visited; the loss is always E1.
+
+Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V vocabulary, H hidden size.
+
+    equation                                              function
+    E1  L = E_h[ KL(pi_S(.|h) || pi_T(.|h)) ]             reverse_kl, opd_loss, chunked_opd_loss
+    E2  mu* = argmin KL(mu||pi_T) s.t. KL(mu||pi_S)<=eps  blended_generate (solve E4, then sample E3)
+    E3  mu_beta ~ pi_S^(1-beta) * pi_T^beta               blend_logprobs
+    E4  beta* = max{beta in [0,1]: KL(mu_beta||pi_S)<=eps} solve_beta
+    E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# The maths: budget schedule, blend solve, blend, losses. Tensors in, tensors out.
+
+
+def kl_budget(step, eps0, warmup_steps):
+    """E5: eps_k = eps0 * (1 - k / K) for k < K, exactly 0.0 from k = K on; K = None keeps eps0 (fixed-eps)."""
+    if eps0 < 0:
+        raise ValueError(f"eps0 must be >= 0, got {eps0}")
+    if warmup_steps is None:
+        return float(eps0)
+    if warmup_steps <= 0:
+        raise ValueError(f"warmup_steps must be a positive int or None, got {warmup_steps}")
+    return float(eps0) * (1.0 - step / warmup_steps) if step < warmup_steps else 0.0
+
+
+def _compute_dtype(x):
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _blend_terms(student_logits, teacher_logits):
+    """
+    The pieces of E3 with the zero-probability rules of PAPER.md section 2 made explicit.
+    Returns log_ps (..., V) = log pi_S restricted to the joint support M (-inf off M), and r (..., V) =
+    log pi_T - log pi_S (0 off M). Off M a token has weight 0 for every beta > 0: either the student gives it
+    probability 0 (never feasible) or the teacher does (weight pi_T^beta = 0).
+    """
+    dtype = _compute_dtype(student_logits)
+    log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
+    # Normalise both first: raw t - s loses digits when logits are in the thousands.
+    r = torch.log_softmax(teacher_logits.to(dtype), dim=-1).sub_(log_ps)  # (..., V)
+    joint = torch.isfinite(r)  # (..., V) false where either model has probability 0
+    return log_ps.masked_fill(~joint, -math.inf), r.masked_fill_(~joint, 0.0)
+
+
+def _moments(log_ps, powers, beta, work):
+    """
+    Evaluate the blend at beta (B,) (beta = 0 means the limit 0+: pi_S restricted to the joint support).
+    powers (B, 4, V) holds the rows 1, r, r^2, r^3; work (B, V) is scratch, reused so that nothing large is
+    allocated per evaluation. Returns A(beta) = log sum_a pi_S(a) exp(beta r(a)) and E_mu[r^k] for k = 1, 2, 3.
+    """
+    w = torch.addcmul(log_ps, beta.unsqueeze(-1), powers[:, 1], out=work)  # (B, V) unnormalised log mu_beta
+    w_max = w.amax(dim=-1, keepdim=True)  # (B, 1)
+    e = w.sub_(w_max).exp_()  # (B, V) mu_beta * Z / exp(w_max)
+    sums = torch.bmm(powers, e.unsqueeze(-1)).squeeze(-1)  # (B, 4) one read of e for all four moments
+    z = sums[:, 0]
+    return w_max.squeeze(-1) + torch.log(z), sums[:, 1] / z, sums[:, 2] / z, sums[:, 3] / z
+
+
+@torch.no_grad()
+def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
+    """
+    E4: beta* = max { beta in [0, 1] : KL(mu_beta || pi_S) <= eps }, per row of (..., V) logits.
+
+    With r = log pi_T - log pi_S and A(beta) = log E_{pi_S}[exp(beta r)], the closed forms are
+        KL(beta) = beta A' - A,   KL' = beta Var_mu[r],   KL'' = Var_mu[r] + beta E_mu[(r - E_mu r)^3].
+    KL grows like beta^2 sigma^2 / 2, so sqrt(KL) is nearly linear in beta: we run Halley's method (cubically
+    convergent) on g(beta) = sqrt(KL) - sqrt(eps) from the small-budget guess beta = sqrt(2 eps / sigma^2),
+    safeguarded by a bracket [lo, hi] that falls back to bisection. A row stops at a beta whose evaluated KL is
+    within `tol` (relative) of eps, at beta = 1 if that is feasible, one Halley step after a point whose KL is within
+    100 tol of eps and whose step is under 10 tol * beta (the step's error is then of order (10 tol)^3), or at the
+    feasible end of a bracket narrower than 1e-7.
+    Typically two evaluations of the blend after one at beta = 0.
+    eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in the logits' float dtype
+    (float32 for bf16/fp16 input). Rows whose supports are disjoint get beta* = 0 (no blend exists).
+    """
+    dtype = _compute_dtype(student_logits)
+    batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
+    eps = torch.as_tensor(eps, dtype=dtype, device=student_logits.device).expand(batch_shape).reshape(-1)  # (B,)
+    if bool((eps < 0).any()) or bool(eps.isnan().any()):
+        raise ValueError("eps must be >= 0 (inf allowed)")
+    beta_star = torch.zeros_like(eps)  # (B,)
+    if bool((eps == 0).all()):
+        return beta_star.reshape(batch_shape)  # mu* = pi_S: nothing to solve
+    s = student_logits.reshape(-1, V).to(dtype)  # (B, V)
+    t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
+
+    # Setup: log pi_S, the rows (1, r, r^2, r^3), and pi_S's own moments at beta = 0.
+    log_ps = torch.log_softmax(s, dim=-1)  # (B, V)
+    powers = torch.empty(s.shape[0], 4, V, dtype=dtype, device=s.device)  # (B, 4, V)
+    powers[:, 0] = 1.0
+    r = torch.sub(torch.log_softmax(t, dim=-1), log_ps, out=powers[:, 1])  # (B, V) normalised first: raw t - s
+    work = torch.exp(log_ps)  # (B, V) pi_S                                    # loses digits at |logit| ~ 1e3
+    sums = torch.bmm(powers[:, :2], work.unsqueeze(-1)).squeeze(-1)  # (B, 2) mass and sum pi_S r
+    if not bool(torch.isfinite(sums).all()):  # some token has probability 0 under one model: restrict to the
+        log_ps, r_joint = _blend_terms(s, t)  # joint support (rare, so the common path skips the masks)
+        r.copy_(r_joint)
+        sums = torch.bmm(powers[:, :2], torch.exp(log_ps, out=work).unsqueeze(-1)).squeeze(-1)
+    a0 = torch.log(sums[:, 0])  # A(0+) = log(pi_S mass on the joint support); KL(0+) = -A(0+)
+    # Centre r under pi_S (a per-row shift the blend ignores), so that beta E_mu[r] - A(beta) does not cancel
+    # catastrophically in float32 when logits are in the thousands.
+    r.sub_((sums[:, 1] / sums[:, 0]).unsqueeze(-1))
+    torch.mul(r, r, out=powers[:, 2])
+    torch.mul(powers[:, 2], r, out=powers[:, 3])
+    var0 = torch.bmm(powers[:, 2:3], work.unsqueeze(-1)).squeeze(-1).squeeze(-1) / sums[:, 0]  # sigma^2
+    done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
+    one = ~done & torch.isinf(eps)
+    beta_star[one] = 1.0
+    done |= one
+
+    beta = torch.sqrt(2 * eps / var0).nan_to_num(1.0).clamp(1e-12, 1.0)  # (B,) small-budget guess
+    lo, hi = torch.zeros_like(beta), torch.ones_like(beta)  # KL(lo) <= eps < KL(hi) once hi_known
+    hi_known = torch.zeros_like(done)
+    sqrt_eps = torch.sqrt(eps)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        a, m1, m2, m3 = _moments(log_ps, powers, beta, work)
+        kl = (beta * m1 - a).clamp_min(0.0)  # KL(mu_beta || pi_S) in closed form
+        accept = ~done & (((kl - eps).abs() <= tol * eps) | ((beta == 1.0) & (kl <= eps)))
+        beta_star[accept] = beta[accept]
+        done |= accept
+        feasible = kl <= eps
+        lo, hi = torch.where(feasible, beta, lo), torch.where(feasible, hi, beta)
+        hi_known |= ~feasible
+        narrow = ~done & (hi - lo < 1e-7)
+        beta_star[narrow] = lo[narrow]
+        done |= narrow
+        # Halley on g = sqrt(KL) - sqrt(eps): g' = KL' / (2 sqrt KL), g'' = KL'' / (2 sqrt KL) - KL'^2 / (4 KL^1.5).
+        var = (m2 - m1 * m1).clamp_min(0.0)
+        skew = m3 - 3 * m1 * m2 + 2 * m1 ** 3
+        sqrt_kl = torch.sqrt(kl)
+        g, g1 = sqrt_kl - sqrt_eps, beta * var / (2 * sqrt_kl)
+        g2 = (var + beta * skew) / (2 * sqrt_kl) - g1 * g1 / sqrt_kl
+        step = 2 * g * g1 / (2 * g1 * g1 - g * g2)
+        step = torch.where(torch.isfinite(step) & (step * g >= 0), step, g / g1)  # Newton if Halley misbehaves
+        new = beta - step
+        new = torch.where(~hi_known & (new >= 1.0), torch.ones_like(new), new)
+        inside = torch.isfinite(new) & (new > lo) & ((new < hi) | (~hi_known & (new == 1.0)))
+        near = (kl - eps).abs() <= 100 * tol * eps  # guards steep KL curves, where a small step proves nothing
+        converged = ~done & inside & near & (step.abs() <= 10 * tol * beta) & (new < 1.0)
+        beta_star[converged] = new[converged]
+        done |= converged
+        beta = torch.where(inside, new, (lo + hi) / 2)
+    beta_star[~done] = lo[~done]
+    return beta_star.reshape(batch_shape)
+
+
+def blend_logprobs(student_logits, teacher_logits, beta):
+    """
+    E3: log mu_beta = log pi_S + beta * r - A(beta), normalised, shape (..., V); beta (...) or a float.
+    Zero-probability rules: student zeros stay zero for every beta; teacher zeros get zero for beta > 0.
+    Where the two supports are disjoint no blend exists and log pi_S is returned. Never NaN.
+    """
+    log_ps, r = _blend_terms(student_logits, teacher_logits)
+    beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
+    w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
+    pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
+    # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support.
+    fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))
+    w = torch.where(fallback.unsqueeze(-1), pure_student, w)
+    return torch.log_softmax(w, dim=-1)
+
+
+def reverse_kl(student_logits, teacher_logits):
+    """
+    E1 per position: KL(pi_S || pi_T) = sum_a pi_S(a) (log pi_S(a) - log pi_T(a)), shape (...). Computed in at
+    least float32. Tokens the student gives probability 0 contribute 0 (also to the gradient); a token the teacher
+    gives probability 0 but the student does not makes the KL +inf, as it is.
+    """
+    dtype = _compute_dtype(student_logits)
+    log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
+    log_pt = torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (..., V)
+    ps = log_ps.exp()
+    diff = torch.where(ps > 0, log_ps - log_pt, 0.0)  # mask before multiplying so that 0 * inf never appears
+    return (ps * diff).sum(dim=-1)
+
+
+def _topk_reverse_kl(student_logits, teacher_logits, topk):
+    """
+    The paper's top-k estimate of E1 (PAPER.md section 1), per position: with S_k the k tokens of highest student
+    logit (selected without gradient), q = pi_S renormalised on S_k, it returns
+        KL(q || pi_T) = sum_{a in S_k} q(a) (log q(a) - log pi_T(a)),
+    where log pi_T is the teacher's full-vocabulary log-probability. This is a true KL (>= 0) and has the same
+    gradient as the variant that also renormalises the teacher on S_k (they differ by -log pi_T(S_k), constant in
+    the student). For k >= V it is exactly reverse_kl.
+    """
+    dtype = _compute_dtype(student_logits)
+    if topk >= student_logits.shape[-1]:
+        return reverse_kl(student_logits, teacher_logits)
+    index = student_logits.detach().topk(topk, dim=-1).indices  # (..., k)
+    log_q = torch.log_softmax(student_logits.to(dtype).gather(-1, index), dim=-1)  # (..., k)
+    log_pt = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(-1, index)  # (..., k)
+    q = log_q.exp()
+    return (q * torch.where(q > 0, log_q - log_pt, 0.0)).sum(dim=-1)
+
+
+def _per_position_kl(student_logits, teacher_logits, topk):
+    return reverse_kl(student_logits, teacher_logits) if topk == 0 else _topk_reverse_kl(student_logits, teacher_logits, topk)
+
+
+def _check_loss_args(mask, topk):
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+
+
+def opd_loss(student_logits, teacher_logits, mask, topk=0):
+    """
+    E1 as a scalar: the mean of reverse_kl over positions where mask (...) is true (token mean over the batch).
+    Only masked-in positions are computed, so nothing (not even NaN) reaches masked-out positions' gradients; the
+    teacher is treated as data (no gradient). An all-false mask gives 0. topk > 0: the paper's estimate on the
+    student's top-k support (see _topk_reverse_kl); topk >= V equals the exact loss.
+    """
+    _check_loss_args(mask, topk)
+    kl = _per_position_kl(student_logits[mask], teacher_logits[mask].detach(), topk)  # (n,)
+    return kl.sum() / max(kl.numel(), 1)
+
+
+class _ReverseKLFromHidden(torch.autograd.Function):
+    """
+    reverse_kl(student_logits, teacher_hidden @ teacher_head_weight.T) per position, with the analytic gradient
+    dKL/ds = pi_S (log pi_S - log pi_T - KL). It owns the teacher's buffer and works in place, so one call holds
+    three (n, V) buffers (student logits, pi_S, log pi_S - log pi_T) where autograd would hold about seven.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_hidden, teacher_head_weight):
+        dtype = _compute_dtype(student_logits)
+        diff = (teacher_hidden @ teacher_head_weight.T).to(dtype)  # (n, V) teacher logits, soon log pi_S - log pi_T
+        diff = diff.sub_(torch.logsumexp(diff, dim=-1, keepdim=True))  # log pi_T
+        log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (n, V)
+        diff = diff.neg_().add_(log_ps)  # log pi_S - log pi_T
+        ps = log_ps.exp_()  # (n, V) in place: log pi_S is not needed any more
+        diff.masked_fill_(ps == 0, 0.0)  # student zeros contribute nothing, as in reverse_kl
+        kl = torch.bmm(ps.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # (n,)
+        ctx.save_for_backward(ps, diff, kl)
+        ctx.student_dtype = student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        ps, diff, kl = ctx.saved_tensors
+        grad = (diff - kl.unsqueeze(-1)).mul_(ps).mul_(grad_kl.unsqueeze(-1))  # (n, V)
+        return grad.to(ctx.student_dtype), None, None
+
+
+def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk):
+    """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar."""
+    student_logits = student_hidden @ student_head_weight.T  # (n, V)
+    if topk == 0:
+        return _ReverseKLFromHidden.apply(student_logits, teacher_hidden, teacher_head_weight).sum()
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_head_weight.T  # (n, V)
+    return _topk_reverse_kl(student_logits, teacher_logits, topk).sum()
+
+
+def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask,
+                     chunk_size=1024, topk=0):
+    """
+    E1 from hidden states: equal in value and gradients to
+        opd_loss(student_hidden @ student_head_weight.T, teacher_hidden @ teacher_head_weight.T, mask, topk)
+    without ever holding the (B, T, V) logits. Masked-in positions are gathered (n, H), processed `chunk_size` at a
+    time, and each chunk is recomputed in the backward pass (activation checkpointing), so peak extra memory is about
+    a few (chunk_size, V) float32 buffers. student_hidden (B, T, Hs), student_head_weight (V, Hs); the teacher's
+    hidden size Ht may differ.
+    """
+    _check_loss_args(mask, topk)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    hs = student_hidden[mask]  # (n, Hs)
+    ht = teacher_hidden[mask].detach()  # (n, Ht)
+    total = hs.new_zeros((), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
+    for start in range(0, hs.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_kl_sum(*args)
+    return total / max(hs.shape[0], 1)

@@ -18,6 +18,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -295,3 +296,238 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
         else:
             total = total + _chunk_kl_sum(*args)
     return total / max(hs.shape[0], 1)
+
+
+# -----------------------------------------------------------------------------
+# Lockstep blended sampling of two Hugging Face causal LMs, each with its own KV cache (PAPER.md sections 2, 4).
+
+
+@dataclass
+class Rollout:
+    """What blended_generate returns; every (B, N) field is aligned with the N generated columns."""
+    sequences: torch.Tensor  # (B, P+N) the prompt exactly as given, then the generated tokens
+    completion_mask: torch.Tensor  # (B, N) bool, generated tokens up to and including EOS
+    beta: torch.Tensor  # (B, N) beta* used at each token (0 for the pure student and for SKD)
+    behavior_logprobs: torch.Tensor  # (B, N) log mu*(token), the exact behavior distribution
+    teacher_logprobs: torch.Tensor  # (B, N) log pi_T(token) at the rollout temperature (NaN: teacher not run)
+    realised_kl: torch.Tensor  # (B, N) KL(mu* || pi_S) at each prefix
+    teacher_entropy: torch.Tensor  # (B, N) H(pi_T) at each visited prefix (NaN: teacher not run)
+    replaced: torch.Tensor  # (B, N) bool, SKD: the student's token was replaced by a teacher sample
+
+    def stats(self):
+        """Means over completion tokens of the diagnostics the training loop logs (PAPER.md section 7)."""
+        m = self.completion_mask
+        n = int(m.sum())
+
+        def mean(x):
+            return float(x[m].float().mean()) if n else math.nan
+
+        return dict(beta=mean(self.beta), realised_kl=mean(self.realised_kl),
+                    teacher_logprob=mean(self.teacher_logprobs), teacher_entropy=mean(self.teacher_entropy),
+                    replaced_frac=mean(self.replaced), completion_tokens=n)
+
+
+def position_ids(attention_mask):
+    """(B, T) positions of a left-padded batch: 0 at each row's first real token (pads get 0, and are masked)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def check_same_vocab(student_tokenizer, teacher_tokenizer):
+    """Refuse tokenizers whose id -> token maps differ (naming the first difference); return the shared size."""
+    s = {i: tok for tok, i in student_tokenizer.get_vocab().items()}
+    t = {i: tok for tok, i in teacher_tokenizer.get_vocab().items()}
+    for i in range(max(len(s), len(t))):
+        if s.get(i) != t.get(i):
+            raise ValueError(f"student and teacher tokenizers differ at id {i}: student {s.get(i)!r}, "
+                             f"teacher {t.get(i)!r}; blending needs one shared vocabulary")
+    return len(s)
+
+
+def canonicalise_eos(logits, eos_ids):
+    """
+    Merge every EOS id into one stop event at eos_ids[0] (PAPER.md section 4): its logit becomes the logsumexp of
+    all EOS logits and the other EOS ids get -inf. Apply it to both models before blending and before the loss.
+    """
+    if len(eos_ids) <= 1:
+        return logits
+    merged = torch.logsumexp(logits[..., eos_ids], dim=-1)  # (...)
+    logits = logits.clone()
+    logits[..., eos_ids[1:]] = -math.inf
+    logits[..., eos_ids[0]] = merged
+    return logits
+
+
+def _sample(log_probs, greedy, generator):
+    """(B, V) log-probabilities -> (B,) token ids: argmax when greedy, else one multinomial draw per row."""
+    if greedy:
+        return log_probs.argmax(dim=-1)
+    return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+
+
+def _kl_rows(log_p, log_q):
+    """KL(p || q) per row of (B, V) log-probabilities, with 0 log 0 = 0."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
+
+
+def blend_token_rule(student_logits, teacher_logits, eps, greedy, generator):
+    """
+    The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None when
+    eps = 0 (pure student). Returns (token, beta, log mu(token), KL(mu || pi_S), replaced), each (B,).
+    """
+    log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
+    if teacher_logits is None:
+        beta = torch.zeros_like(log_ps[:, 0])
+        log_mu, kl = log_ps, torch.zeros_like(beta)
+    else:
+        beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
+        log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
+        kl = _kl_rows(log_mu, log_ps)
+    token = _sample(log_mu, greedy, generator)
+    no_replacement = torch.zeros_like(token, dtype=torch.bool)
+    return token, beta, log_mu.gather(-1, token[:, None]).squeeze(-1), kl, no_replacement
+
+
+def skd_token_rule(top_k, teacher_temperature):
+    """
+    SKD-style interleaved injection (PAPER.md section 6): the student proposes a token; if it is not among the
+    teacher's top_k, it is replaced by a fresh teacher sample at teacher_temperature (applied on top of the rollout
+    temperature). The behavior distribution is known exactly:
+        q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a).
+    """
+    def rule(student_logits, teacher_logits, eps, greedy, generator):
+        log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
+        log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
+        top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
+        in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, top, True)  # (B, V)
+        proposal = _sample(log_ps, greedy, generator)
+        fresh = _sample(log_pt_tau, greedy, generator)
+        keep = in_top.gather(-1, proposal[:, None]).squeeze(-1)  # (B,)
+        token = torch.where(keep, proposal, fresh)
+        log_outside = torch.logsumexp(log_ps.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)  # (B, 1)
+        log_q = torch.logaddexp(log_ps.masked_fill(~in_top, -math.inf), log_outside + log_pt_tau)  # (B, V)
+        beta = torch.zeros_like(log_ps[:, 0])
+        return token, beta, log_q.gather(-1, token[:, None]).squeeze(-1), _kl_rows(log_q, log_ps), ~keep
+    return rule
+
+
+@torch.no_grad()
+def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
+                     eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
+                     all_finished=None):
+    """
+    E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
+    mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
+    may be None), eps = inf the pure teacher (mu_1 = pi_T on the student's support).
+
+    input_ids, attention_mask: (B, P) left-padded prompts. temperature tau > 0 divides both models' logits before
+    the blend; tau = 0 is greedy (argmax of mu* at tau = 1). eos_token_id: an int or a list; with several ids they are
+    merged into one stop event emitted as eos_token_id[0] (canonicalise_eos). A row stops at its first EOS and emits
+    pad_token_id after it. token_rule: how a token is chosen from the two models' (B, V) logits, default
+    blend_token_rule (see skd_token_rule for another). vocab_size: the shared tokenizer range; padded head rows
+    beyond it are never sampled (default: the narrower head). all_finished: callable(done (B,) bool) -> bool that
+    decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py).
+    """
+    if eps < 0 or math.isnan(eps):
+        raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    token_rule = token_rule or blend_token_rule
+    use_teacher = eps > 0 or token_rule is not blend_token_rule
+    if use_teacher and teacher is None:
+        raise ValueError("a teacher model is needed when eps > 0 or with a custom token_rule")
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if eos_ids and pad_token_id is None:
+        raise ValueError("pad_token_id is needed to pad rows that stop at EOS")
+    all_finished = all_finished or (lambda done: bool(done.all()))
+    greedy, tau = temperature == 0, (temperature or 1.0)
+    B, device = input_ids.shape[0], input_ids.device
+    models = [student] + ([teacher] if use_teacher else [])
+    if vocab_size is None:
+        vocab_size = min(m.get_output_embeddings().weight.shape[0] for m in models)
+
+    def next_logits(model, ids, mask, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :vocab_size].float() / tau  # (B, V) the shared tokenizer range only
+        return canonicalise_eos(logits, eos_ids), out.past_key_values
+
+    # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
+    mask = attention_mask.clone()  # (B, P+n) grows by one column per step
+    logits, caches = zip(*(next_logits(m, input_ids, mask, None) for m in models))
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that have emitted EOS
+    columns = []
+    for _ in range(max_new_tokens):
+        # 2. Blend and sample: the token rule sees both models' (B, V) logits.
+        student_logits, teacher_logits = logits[0], (logits[1] if use_teacher else None)
+        token, beta, log_mu, kl, replaced = token_rule(student_logits, teacher_logits, eps, greedy, generator)
+        if use_teacher:
+            log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (B, V)
+            teacher_logprob = log_pt.gather(-1, token[:, None]).squeeze(-1)
+            teacher_entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
+        else:
+            teacher_logprob = teacher_entropy = torch.full_like(beta, math.nan)
+        if eos_ids:
+            token = token.masked_fill(done, pad_token_id)
+        columns.append((token, ~done, beta, log_mu, teacher_logprob, kl, teacher_entropy, replaced))
+        if eos_ids:
+            done = done | torch.isin(token, torch.tensor(eos_ids, device=device))
+        if len(columns) == max_new_tokens or all_finished(done):
+            break
+        # 3. Feed the token to both caches.
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        logits, caches = zip(*(next_logits(m, token[:, None], mask, c) for m, c in zip(models, caches)))
+    # 4. Stack the per-step columns into (B, N) tensors.
+    fields = [torch.stack(c, dim=1) for c in zip(*columns)] if columns else \
+        [torch.empty(B, 0, device=device)] * 8
+    tokens, completion_mask, beta, log_mu, teacher_logprob, kl, teacher_entropy, replaced = fields
+    return Rollout(sequences=torch.cat([input_ids, tokens.long()], dim=1), completion_mask=completion_mask.bool(),
+                   beta=beta, behavior_logprobs=log_mu, teacher_logprobs=teacher_logprob, realised_kl=kl,
+                   teacher_entropy=teacher_entropy, replaced=replaced.bool())
+
+
+# -----------------------------------------------------------------------------
+# Behavior policies: the paper's baselines (PAPER.md section 6), each a small function of the optimisation step
+# returning blended_generate's keyword arguments. cfg is any object with the attributes used below.
+
+
+def _opd(step, cfg):
+    return dict(eps=0.0, temperature=cfg.temperature)
+
+
+def _trb(step, cfg):
+    return dict(eps=kl_budget(step, cfg.eps0, cfg.warmup_steps), temperature=cfg.temperature)
+
+
+def _fixed_eps(step, cfg):
+    return dict(eps=float(cfg.eps0), temperature=cfg.temperature)
+
+
+def _skd(step, cfg):
+    return dict(eps=0.0, temperature=cfg.temperature, token_rule=skd_token_rule(cfg.skd_top_k, cfg.skd_temperature))
+
+
+def _temperature_warmup(step, cfg):
+    """Student only, temperature annealed linearly from tau0 to cfg.temperature over warmup_steps."""
+    progress = min(step / cfg.warmup_steps, 1.0) if cfg.warmup_steps else 1.0
+    return dict(eps=0.0, temperature=cfg.tau0 + (cfg.temperature - cfg.tau0) * progress)
+
+
+def _teacher(step, cfg):
+    return dict(eps=math.inf, temperature=cfg.temperature)
+
+
+BEHAVIOR_POLICIES = {"opd": _opd, "trb": _trb, "fixed_eps": _fixed_eps, "skd": _skd,
+                     "temperature_warmup": _temperature_warmup, "teacher": _teacher}
+
+
+def behavior(name, step, cfg):
+    """blended_generate's keyword arguments (eps, temperature, token_rule) for policy `name` at step `step`."""
+    if name not in BEHAVIOR_POLICIES:
+        raise ValueError(f"unknown behavior policy {name!r}; choose one of {sorted(BEHAVIOR_POLICIES)}")
+    return BEHAVIOR_POLICIES[name](step, cfg)
+
+
+def behavior_needs_teacher(kwargs):
+    """Whether a rollout with these blended_generate keyword arguments runs the teacher online."""
+    return kwargs.get("eps", 0.0) > 0 or kwargs.get("token_rule") is not None

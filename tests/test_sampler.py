@@ -1,0 +1,248 @@
+"""Tier 2: blended_generate on tiny random Hugging Face models (cached vs uncached, vs model.generate)."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from tokenizers import Tokenizer, models
+
+import trb
+
+VOCAB, PAD = 96, 0
+
+
+def tiny_qwen3(seed, layers=2, vocab=VOCAB, hidden=32):
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         pad_token_id=PAD, tie_word_embeddings=False, initializer_range=0.3)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_llama(seed, layers=2, vocab=VOCAB):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD,
+                         initializer_range=0.3)
+    return LlamaForCausalLM(config).eval()
+
+
+def left_padded_prompts(B=5, P=7, seed=0):
+    """A (B, P) prompt batch with different left-padding per row, as a tokenizer with padding_side='left' gives."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    for row, pad in enumerate([0, 2, 4, 1, 3][:B]):
+        ids[row, :pad], mask[row, :pad] = PAD, 0
+    return ids, mask
+
+
+def early_eos(model, ids, mask, step=2):
+    """A token that greedy decoding emits at `step` in row 0, so that row stops early when it is the EOS."""
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=step + 1, pad_token_id=PAD)
+    return int(out[0, ids.shape[1] + step])
+
+
+def uncached_recompute(student, teacher, rollout, prompt_mask, eps, temperature):
+    """beta and log mu(token) from one full forward of both models over the final sequences, then the solve."""
+    P, N = prompt_mask.shape[1], rollout.completion_mask.shape[1]
+    mask = torch.cat([prompt_mask, torch.ones(prompt_mask.shape[0], N, dtype=prompt_mask.dtype)], dim=1)
+    kwargs = dict(input_ids=rollout.sequences, attention_mask=mask, position_ids=trb.position_ids(mask))
+    with torch.no_grad():
+        s = student(**kwargs).logits[:, P - 1:P - 1 + N].float() / temperature  # (B, N, V)
+        t = teacher(**kwargs).logits[:, P - 1:P - 1 + N].float() / temperature
+    beta = trb.solve_beta(s, t, eps)
+    log_mu = trb.blend_logprobs(s, t, beta)
+    tokens = rollout.sequences[:, P:]
+    return beta, log_mu.gather(-1, tokens[..., None]).squeeze(-1), s, t
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3, tiny_llama])
+def test_greedy_eps0_equals_student_generate(make):
+    """Greedy at eps = 0 equals student.generate(do_sample=False) token for token, some rows stopping at EOS early."""
+    student = make(1)
+    ids, mask = left_padded_prompts()
+    eos = early_eos(student, ids, mask)
+    expected = student.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=eos,
+                                pad_token_id=PAD)
+    rollout = trb.blended_generate(student, None, ids, mask, eps=0.0, max_new_tokens=12, temperature=0.0,
+                                   eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(rollout.sequences, expected)
+    assert not bool(rollout.completion_mask.all())  # the EOS really did stop a row early
+
+
+def test_greedy_eps_inf_equals_teacher_generate():
+    """Greedy at eps = inf equals teacher.generate(do_sample=False) on the same left-padded batch."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    ids, mask = left_padded_prompts()
+    eos = early_eos(teacher, ids, mask)
+    expected = teacher.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=eos,
+                                pad_token_id=PAD)
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=math.inf, max_new_tokens=12, temperature=0.0,
+                                   eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(rollout.sequences, expected)
+    assert bool((rollout.beta[rollout.completion_mask] == 1).all())
+
+
+def test_cached_blend_equals_uncached_recomputation():
+    """At 0 < eps < inf and tau != 1, every beta and behavior log-prob equals a full uncached forward, then solve."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    ids, mask = left_padded_prompts()
+    eps, tau = 0.05, 0.7
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=eps, max_new_tokens=10, temperature=tau,
+                                   generator=torch.Generator().manual_seed(0))
+    beta, log_mu, s, t = uncached_recompute(student, teacher, rollout, mask, eps, tau)
+    m = rollout.completion_mask
+    assert bool(((rollout.beta[m] > 0) & (rollout.beta[m] < 1)).all())  # the budget binds: a real blend
+    torch.testing.assert_close(rollout.beta[m], beta[m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rollout.behavior_logprobs[m], log_mu[m], atol=1e-4, rtol=1e-4)
+    tokens = rollout.sequences[:, ids.shape[1]:]
+    log_pt = torch.log_softmax(t, -1)
+    torch.testing.assert_close(rollout.teacher_logprobs[m], log_pt.gather(-1, tokens[..., None]).squeeze(-1)[m],
+                               atol=1e-4, rtol=1e-4)
+    assert bool((rollout.realised_kl[m] <= eps * (1 + 1e-3)).all())
+
+
+def test_eos_and_padding_masks():
+    """completion_mask is true up to and including each row's first EOS; only pad_token_id follows it."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2)
+    ids, mask = left_padded_prompts()
+    eos = early_eos(student, ids, mask, step=1)
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=0.01, max_new_tokens=15, eos_token_id=[eos],
+                                   pad_token_id=PAD, generator=torch.Generator().manual_seed(3), temperature=0.0)
+    assert torch.equal(rollout.sequences[:, :ids.shape[1]], ids)  # the prompt exactly as given
+    tokens = rollout.sequences[:, ids.shape[1]:]
+    stopped = 0
+    for row in range(ids.shape[0]):
+        hits = (tokens[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else tokens.shape[1]
+        stopped += bool(len(hits))
+        assert bool(rollout.completion_mask[row, :end].all()) and not bool(rollout.completion_mask[row, end:].any())
+        assert bool((tokens[row, end:] == PAD).all())
+    assert stopped >= 1
+
+
+def test_seeded_determinism():
+    """The same generator seed gives the same rollout; another seed gives another."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2)
+    ids, mask = left_padded_prompts()
+
+    def run(seed):
+        return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=12,
+                                    generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.beta, b.beta)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+def test_teacher_none_at_eps0():
+    """teacher=None works at eps = 0, equals the student-only rollout with a teacher passed, and reports beta = 0."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2)
+    ids, mask = left_padded_prompts()
+    alone = trb.blended_generate(student, None, ids, mask, eps=0.0, max_new_tokens=8,
+                                 generator=torch.Generator().manual_seed(0))
+    paired = trb.blended_generate(student, teacher, ids, mask, eps=0.0, max_new_tokens=8,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(alone.sequences, paired.sequences)
+    assert bool((alone.beta == 0).all()) and bool(alone.teacher_logprobs.isnan().all())
+    with pytest.raises(ValueError):
+        trb.blended_generate(student, None, ids, mask, eps=0.1, max_new_tokens=2)
+
+
+def test_skd_keeps_only_teacher_top_k_tokens():
+    """SKD never keeps a student token outside the teacher's top-K; its behavior log-probs are the exact mixture."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    ids, mask = left_padded_prompts()
+    cfg = SimpleNamespace(temperature=1.0, skd_top_k=5, skd_temperature=0.6)
+    kwargs = trb.behavior("skd", 0, cfg)
+    assert trb.behavior_needs_teacher(kwargs)
+    rollout = trb.blended_generate(student, teacher, ids, mask, max_new_tokens=10,
+                                   generator=torch.Generator().manual_seed(0), **kwargs)
+    _, _, s, t = uncached_recompute(student, teacher, rollout, mask, 0.0, 1.0)
+    tokens = rollout.sequences[:, ids.shape[1]:]
+    in_top = (t.topk(5, -1).indices == tokens[..., None]).any(-1)  # (B, N)
+    m = rollout.completion_mask
+    assert bool(in_top[m & ~rollout.replaced].all())
+    assert 0 < rollout.stats()["replaced_frac"] < 1
+    log_ps, log_pt = torch.log_softmax(s, -1), torch.log_softmax(t / 0.6, -1)
+    top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, t.topk(5, -1).indices, True)
+    q = log_ps.exp() * top + (log_ps.exp() * ~top).sum(-1, keepdim=True) * log_pt.exp()
+    expected = q.gather(-1, tokens[..., None]).squeeze(-1).log()
+    torch.testing.assert_close(rollout.behavior_logprobs[m], expected[m], atol=1e-4, rtol=1e-4)
+
+
+def test_behavior_policies_define_their_budgets():
+    """Each named policy yields its defining eps and temperature; an unknown name is an error."""
+    cfg = SimpleNamespace(eps0=0.02, warmup_steps=50, temperature=1.0, tau0=0.8, skd_top_k=25, skd_temperature=0.6)
+    assert trb.behavior("opd", 3, cfg)["eps"] == 0.0
+    assert not trb.behavior_needs_teacher(trb.behavior("opd", 3, cfg))
+    assert trb.behavior("trb", 25, cfg)["eps"] == pytest.approx(0.01)
+    assert trb.behavior("trb", 50, cfg)["eps"] == 0.0 and not trb.behavior_needs_teacher(trb.behavior("trb", 60, cfg))
+    assert trb.behavior("fixed_eps", 500, cfg)["eps"] == 0.02
+    assert trb.behavior("teacher", 0, cfg)["eps"] == math.inf
+    warm = [trb.behavior("temperature_warmup", k, cfg)["temperature"] for k in (0, 25, 50, 80)]
+    assert warm == pytest.approx([0.8, 0.9, 1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown behavior policy"):
+        trb.behavior("nope", 0, cfg)
+
+
+def test_larger_budget_moves_rollouts_toward_the_teacher():
+    """The mean teacher log-prob of sampled tokens rises with eps (PAPER.md section 7)."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    ids, mask = left_padded_prompts()
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
+    means = []
+    for eps in (0.0, 0.05, 0.5, math.inf):
+        rollout = trb.blended_generate(student, teacher, ids, mask, eps=eps, max_new_tokens=12,
+                                       generator=torch.Generator().manual_seed(0), token_rule=None)
+        _, _, _, t = uncached_recompute(student, teacher, rollout, mask, 0.0, 1.0)
+        tokens = rollout.sequences[:, ids.shape[1]:]
+        means.append(float(torch.log_softmax(t, -1).gather(-1, tokens[..., None]).mean()))
+    assert means == sorted(means)
+
+
+def test_padded_heads_never_sample_beyond_shared_vocab():
+    """Heads wider than the tokenizer are compared over the shared range; rows beyond it are never sampled."""
+    student, teacher = tiny_qwen3(1, vocab=VOCAB + 8), tiny_qwen3(2, vocab=VOCAB + 16)
+    with torch.no_grad():  # make the padded rows overwhelmingly likely, so sampling them would show
+        student.lm_head.weight[VOCAB:] *= 200
+        teacher.lm_head.weight[VOCAB:] *= 200
+    ids, mask = left_padded_prompts()
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=10, vocab_size=VOCAB,
+                                   generator=torch.Generator().manual_seed(0))
+    assert int(rollout.sequences.max()) < VOCAB
+    default = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=3,
+                                   generator=torch.Generator().manual_seed(0))
+    assert int(default.sequences.max()) < VOCAB + 8  # default: the narrower head
+
+
+def test_eos_canonicalised_across_models():
+    """Two EOS ids become one stop event emitted as the first id; its probability is the sum of both."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    merged = trb.canonicalise_eos(logits, [1, 3])
+    torch.testing.assert_close(torch.softmax(merged, -1), torch.tensor([[math.exp(0), math.exp(1) + math.exp(3),
+                                                                         math.exp(2), 0.0]]) / torch.exp(logits).sum())
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2)
+    ids, mask = left_padded_prompts()
+    eos_a, eos_b = early_eos(student, ids, mask, 0), early_eos(teacher, ids, mask, 0)
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=10,
+                                   eos_token_id=[eos_a, eos_b], pad_token_id=PAD, temperature=0.0)
+    assert eos_a != eos_b
+    generated = rollout.sequences[:, ids.shape[1]:]
+    assert not bool((generated == eos_b).any()) and bool((generated == eos_a).any())
+
+
+def word_tokenizer(words):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
+
+
+def test_vocabulary_mismatch_is_refused():
+    """Tokenizers whose vocabularies differ are refused with an error naming the first differing id."""
+    a = word_tokenizer(["<unk>", "a", "b", "c"])
+    assert trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c"])) == 4
+    with pytest.raises(ValueError, match="differ at id 2"):
+        trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "x", "c"]))
+    with pytest.raises(ValueError, match="differ at id 4"):
+        trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c", "d"]))

@@ -115,9 +115,74 @@ def bench_memory(args):
     return results
 
 
+def qwen3_shaped(layers, vocab=4096, hidden=256, seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=1024, initializer_range=0.1)
+    return Qwen3ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def reencode_generate(student, teacher, input_ids, attention_mask, eps, max_new_tokens, generator):
+    """The same blended sampling without KV caches: both models re-encode the whole prefix at every step."""
+    ids, mask = input_ids, attention_mask
+    for _ in range(max_new_tokens):
+        kwargs = dict(attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False, logits_to_keep=1)
+        s = student(ids, **kwargs).logits[:, -1].float()
+        t = teacher(ids, **kwargs).logits[:, -1].float()
+        token = trb.blend_token_rule(s, t, eps, False, generator)[0]
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def bench_sampler(args):
+    """blended_generate vs model.generate sampling the same number of tokens, and KV caching vs re-encoding."""
+    student, teacher = qwen3_shaped(4, seed=1), qwen3_shaped(6, seed=2)
+    B, P, N = 16, 32, 96
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4096, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[::2, :5] = 0  # half the rows left-padded
+
+    def hf_generate(model):
+        return model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                              max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
+
+    def ours(eps, n=N, teacher_model=teacher):
+        return trb.blended_generate(student, teacher_model, ids, mask, eps=eps, max_new_tokens=n,
+                                    generator=torch.Generator().manual_seed(0))
+
+    blend_ratio, student_ratio = [], []
+    for _ in range(args.runs):  # interleaved, so machine noise hits all alike
+        t_student = median_time(lambda: hf_generate(student), 1, warmup=1)
+        t_teacher = median_time(lambda: hf_generate(teacher), 1, warmup=0)
+        t_blend = median_time(lambda: ours(0.02), 1, warmup=1)
+        t_alone = median_time(lambda: ours(0.0, teacher_model=None), 1, warmup=0)
+        blend_ratio.append(t_blend / (t_student + t_teacher))
+        student_ratio.append(t_alone / t_student)
+    beta = ours(0.02).stats()["beta"]
+    print(f"blended_generate vs model.generate, Qwen3-shaped 4-layer student / 6-layer teacher, H=256, V=4096, "
+          f"B={B}, P={P}, {N} new tokens, {torch.get_num_threads()} threads (median of {args.runs} interleaved runs)")
+    print(f"  eps=0.02 (mean beta {beta:.3f}): blended / (student.generate + teacher.generate) = "
+          f"{statistics.median(blend_ratio):.2f}x   runs {[round(x, 2) for x in blend_ratio]}")
+    print(f"  eps=0, teacher=None:        blended / student.generate = "
+          f"{statistics.median(student_ratio):.2f}x   runs {[round(x, 2) for x in student_ratio]}")
+    n_long = 256
+    cache_ratio = []
+    for _ in range(max(1, args.runs // 2)):
+        t_cached = median_time(lambda: ours(0.02, n=n_long), 1, warmup=0)
+        t_reencode = median_time(lambda: reencode_generate(student, teacher, ids, mask, 0.02, n_long, g), 1, warmup=0)
+        cache_ratio.append(t_reencode / t_cached)
+    print(f"  KV caching vs re-encoding the prefix, {n_long} new tokens at eps=0.02: "
+          f"{statistics.median(cache_ratio):.1f}x faster   runs {[round(x, 1) for x in cache_ratio]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["solve", "memory"], help="solve | memory | sampler")
+    parser.add_argument("which", nargs="*", default=["solve", "memory", "sampler"], help="solve | memory | sampler")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
@@ -126,7 +191,7 @@ def main():
     if args.which[:1] == ["_memory_child"]:
         return _peak_memory_child(args.which[1], int(args.which[2]))
     for name in args.which:
-        {"solve": bench_solve, "memory": bench_memory}[name](args)
+        {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler}[name](args)
         print()
 
 

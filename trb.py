@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -456,6 +455,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     mask = attention_mask.clone()  # (B, P+n) grows by one column per step
     logits, caches = zip(*(next_logits(m, input_ids, mask, None) for m in models))
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that have emitted EOS
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (E,)
     columns = []
     for _ in range(max_new_tokens):
         # 2. Blend and sample: the token rule sees both models' (B, V) logits.
@@ -471,7 +471,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
             token = token.masked_fill(done, pad_token_id)
         columns.append((token, ~done, beta, log_mu, teacher_logprob, kl, teacher_entropy, replaced))
         if eos_ids:
-            done = done | torch.isin(token, torch.tensor(eos_ids, device=device))
+            done = done | torch.isin(token, eos)
         if len(columns) == max_new_tokens or all_finished(done):
             break
         # 3. Feed the token to both caches.

@@ -246,3 +246,19 @@ def test_vocabulary_mismatch_is_refused():
         trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "x", "c"]))
     with pytest.raises(ValueError, match="differ at id 4"):
         trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c", "d"]))
+
+
+def test_bf16_models_and_empty_completions_stay_finite():
+    """bf16 models give finite betas and log-probs; zero new tokens gives an empty rollout and a finite zero loss."""
+    student, teacher = tiny_qwen3(1).to(torch.bfloat16), tiny_qwen3(2).to(torch.bfloat16)
+    ids, mask = left_padded_prompts()
+    rollout = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=6,
+                                   generator=torch.Generator().manual_seed(0))
+    for field in (rollout.beta, rollout.behavior_logprobs, rollout.realised_kl, rollout.teacher_logprobs):
+        assert bool(torch.isfinite(field).all())
+    empty = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=0)
+    assert torch.equal(empty.sequences, ids) and empty.completion_mask.shape == (ids.shape[0], 0)
+    assert empty.stats()["completion_tokens"] == 0
+    logits = torch.randn(ids.shape[0], 0, VOCAB, requires_grad=True)
+    loss = trb.opd_loss(logits, logits.detach(), empty.completion_mask)
+    assert loss.item() == 0.0

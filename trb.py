@@ -58,21 +58,44 @@ def _blend_terms(student_logits, teacher_logits):
     return log_ps.masked_fill(~joint, -math.inf), r.masked_fill_(~joint, 0.0)
 
 
-def _moments(log_ps, r, r_powers, beta, work, scratch):
+class _Blend:
     """
-    Evaluate the blend at beta (B,) (beta = 0 means the limit 0+: pi_S restricted to the joint support).
-    Returns A(beta) = log sum_a pi_S(a) exp(beta r(a)) and E_mu[r^k] for k = 1, 2, 3 under mu_beta, each (B,).
-    The KL needs A and E_mu[r] to ~1e-7 relative, so they use torch.sum's cascade summation (a float32 matmul
-    over 151936 terms is off by ~2e-4); E_mu[r^2] and E_mu[r^3] only steer the step, so one batched matmul over
-    r_powers (B, 2, V) = (r^2, r^3) reads the weights once for both. work, scratch: (B, V) buffers, reused.
+    Evaluates the blend mu_beta of one (B, V) batch at per-row beta (B,) for the solver: A(beta) = log E_{pi_S}
+    [exp(beta r)] and E_mu[r^k], k = 1, 2, 3, the inputs of KL(beta) = beta E_mu[r] - A(beta) and its derivatives.
+    At eps ~ 1e-4 that KL is ~1e3 times smaller than the terms of a log-space evaluation, whose float32 rounding of
+    log pi_S + beta r (|.| ~ 16) then swamps it. So the default evaluation is relative to pi_S,
+        A = log1p( sum_a pi_S(a) expm1(beta r(a)) ),   E_mu[r^k] = (E_S[r^k] + sum_a pi_S(a) expm1(beta r(a)) r^k) / Z,
+    where every term is O(beta r) and the two sums the KL needs are accumulated in float64 (float32 reads). Rows where
+    exp(beta r) could overflow (beta max r > 60: logits in the thousands) use the log-space form with a max shift.
     """
-    w = torch.addcmul(log_ps, beta.unsqueeze(-1), r, out=work)  # (B, V) unnormalised log mu_beta
-    w_max = w.amax(dim=-1, keepdim=True)  # (B, 1)
-    e = w.sub_(w_max).exp_()  # (B, V) mu_beta * Z / exp(w_max)
-    z = e.sum(dim=-1)  # (B,)
-    m1 = torch.mul(e, r, out=scratch).sum(dim=-1) / z
-    m23 = torch.bmm(r_powers, e.unsqueeze(-1)).squeeze(-1) / z.unsqueeze(-1)  # (B, 2)
-    return w_max.squeeze(-1) + torch.log(z), m1, m23[:, 0], m23[:, 1]
+
+    def __init__(self, log_ps, r, ps, mass):
+        self.log_ps, self.r, self.ps = log_ps, r, ps  # (B, V) log pi_S, r = log pi_T - log pi_S (centred), pi_S
+        self.mass = mass  # (B,) float64, pi_S mass on the joint support
+        self.r_powers = torch.empty(r.shape[0], 2, r.shape[1], dtype=r.dtype, device=r.device)  # (B, 2, V)
+        torch.mul(r, r, out=self.r_powers[:, 0])  # r^2 and r^3 side by side: one matmul reads the weights once
+        torch.mul(self.r_powers[:, 0], r, out=self.r_powers[:, 1])
+        self.ps_moments = torch.bmm(self.r_powers, self.ps.unsqueeze(-1)).squeeze(-1)  # (B, 2) sum pi_S r^2, r^3
+        self.r_max = r.amax(dim=-1)  # (B,)
+        self.work, self.scratch = torch.empty_like(r), torch.empty_like(r)  # (B, V) reused by every evaluation
+
+    def __call__(self, beta):
+        """Returns A(beta) - log(mass) (float64) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,)."""
+        if bool((beta * self.r_max <= 60).all()):
+            weights = torch.mul(self.r, beta.unsqueeze(-1), out=self.work).expm1_().mul_(self.ps)  # pi_S expm1(beta r)
+            excess = weights.sum(dim=-1, dtype=torch.float64)  # (B,) Z - mass
+            first = torch.mul(weights, self.r, out=self.scratch).sum(dim=-1, dtype=torch.float64)  # E_S[r] = 0
+            z = self.mass + excess
+            higher = self.ps_moments + torch.bmm(self.r_powers, weights.unsqueeze(-1)).squeeze(-1)
+            higher = higher / z.to(higher.dtype).unsqueeze(-1)
+            return torch.log1p(excess / self.mass), first / z, higher[:, 0], higher[:, 1]
+        w = torch.addcmul(self.log_ps, beta.unsqueeze(-1), self.r, out=self.work)  # (B, V) log of unnormalised mu
+        w_max = w.amax(dim=-1, keepdim=True)  # (B, 1)
+        e = w.sub_(w_max).exp_()  # (B, V) mu_beta * Z / exp(w_max)
+        z = e.sum(dim=-1, dtype=torch.float64)
+        first = torch.mul(e, self.r, out=self.scratch).sum(dim=-1, dtype=torch.float64) / z
+        higher = torch.bmm(self.r_powers, e.unsqueeze(-1)).squeeze(-1) / z.to(e.dtype).unsqueeze(-1)
+        return w_max.squeeze(-1) + torch.log(z) - torch.log(self.mass), first, higher[:, 0], higher[:, 1]
 
 
 @torch.no_grad()
@@ -87,8 +110,8 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     from the small-budget guess sqrt(2 eps / sigma^2) refined by the third cumulant (error O(beta^2), not O(beta)).
     A row stops at a beta whose evaluated KL is within `tol` (relative) of eps, at beta = 1 if that is feasible,
     one Halley step after a point whose KL is within 5% of eps and whose step is under 2% of beta (the step leaves a
-    relative error of order 0.02^3), or at the feasible end of a bracket narrower than 1e-7. Usually one or two
-    evaluations of the blend after the one at beta = 0.
+    relative error of order 0.02^3), or at the feasible end of a bracket narrower than 1e-7. Usually one evaluation
+    of the blend (see _Blend) after pi_S's own moments.
     eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in the logits' float dtype
     (float32 for bf16/fp16 input). Rows whose supports are disjoint get beta* = 0 (no blend exists).
     """
@@ -103,33 +126,30 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     s = student_logits.reshape(-1, V).to(dtype)  # (B, V)
     t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
 
-    # Setup: log pi_S, r, and pi_S's own moments (the blend at 0+).
+    # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
     log_ps = torch.log_softmax(s, dim=-1)  # (B, V)
     r = torch.log_softmax(t, dim=-1).sub_(log_ps)  # (B, V) normalised first: raw t - s loses digits at |logit| ~ 1e3
-    work, scratch = torch.exp(log_ps), torch.empty_like(r)  # (B, V) work = pi_S for now
-    # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6, which is 0.5% of a KL of 1e-3: measure
-    # its mass with a cascade sum and subtract log(mass) from every A(beta) below.
-    log_norm = torch.log(work.sum(dim=-1))  # (B,)
-    mean0 = torch.mul(work, r, out=scratch).sum(dim=-1)  # (B,) E_{pi_S}[r] * mass
-    if not bool(torch.isfinite(mean0).all()):  # some token has probability 0 under one model: restrict to the joint
+    ps = torch.exp(log_ps)  # (B, V)
+    # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6 (0.5% of a KL of 1e-3), so every A(beta)
+    # is taken relative to pi_S's measured mass, accumulated in float64.
+    log_norm = torch.log(ps.sum(dim=-1, dtype=torch.float64))  # (B,)
+    mean0 = torch.mul(ps, r).sum(dim=-1, dtype=torch.float64)  # (B,) mass * E_{pi_S}[r]
+    if not bool(torch.isfinite(mean0).all()):  # a token has probability 0 under one model: restrict to the joint
         log_ps, r = _blend_terms(s, t)  # support (rare, so the common path skips the masks)
-        torch.exp(log_ps, out=work)
-        mean0 = torch.mul(work, r, out=scratch).sum(dim=-1)
-    mass = work.sum(dim=-1)  # (B,) pi_S mass on the joint support
+        ps = torch.exp(log_ps)
+        mean0 = torch.mul(ps, r).sum(dim=-1, dtype=torch.float64)
+    mass = ps.sum(dim=-1, dtype=torch.float64)  # (B,) pi_S mass on the joint support
     a0 = torch.log(mass) - log_norm  # A(0+); KL(0+) = -A(0+), exactly 0 when the supports agree
-    # Centre r under pi_S (a per-row shift the blend ignores), so that beta E_mu[r] - A(beta) does not cancel
-    # catastrophically in float32 when logits are in the thousands.
-    r.sub_((mean0 / mass).unsqueeze(-1))
-    r_powers = torch.empty(r.shape[0], 2, V, dtype=dtype, device=r.device)  # (B, 2, V) rows r^2, r^3
-    torch.mul(r, r, out=r_powers[:, 0])
-    torch.mul(r_powers[:, 0], r, out=r_powers[:, 1])
-    var0, skew0 = (torch.bmm(r_powers, work.unsqueeze(-1)).squeeze(-1) / mass.unsqueeze(-1)).unbind(-1)  # (B,)
+    # Centre r under pi_S (a per-row shift the blend ignores) so that beta E_mu[r] and A(beta) stay small.
+    r.sub_((mean0 / mass).to(dtype).unsqueeze(-1))
+    blend = _Blend(log_ps, r, ps, mass)
+    var0, skew0 = (blend.ps_moments / blend.mass.to(dtype).unsqueeze(-1)).unbind(-1)  # sigma^2, kappa_3 under pi_S
     done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
     one = ~done & torch.isinf(eps)
     beta_star[one] = 1.0
     done |= one
 
-    # Initial guess: KL = sigma^2 beta^2 / 2 + kappa_3 beta^3 / 3 + O(beta^4), kappa_3 = E_{pi_S}[r^3] (r centred).
+    # Initial guess: KL = sigma^2 beta^2 / 2 + kappa_3 beta^3 / 3 + O(beta^4).
     beta = torch.sqrt(2 * eps / var0)  # (B,) the small-budget guess
     beta = beta - skew0 * beta ** 3 / 3 / (var0 * beta + skew0 * beta ** 2)  # one Newton step on the cubic
     beta = beta.nan_to_num(1.0).clamp(1e-12, 1.0)
@@ -139,8 +159,9 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        a, m1, m2, m3 = _moments(log_ps, r, r_powers, beta, work, scratch)
-        kl = (beta * m1 - (a - log_norm)).clamp_min(0.0)  # KL(mu_beta || pi_S) in closed form
+        a, m1, m2, m3 = blend(beta)
+        kl = (beta * m1 - (a + a0)).clamp_min(0.0).to(dtype)  # KL(mu_beta || pi_S), A taken relative to pi_S
+        m1 = m1.to(dtype)
         accept = ~done & (((kl - eps).abs() <= tol * eps) | ((beta == 1.0) & (kl <= eps)))
         beta_star[accept] = beta[accept]
         done |= accept

@@ -279,7 +279,8 @@ class _ReverseKLFromHidden(torch.autograd.Function):
         diff = diff.neg_().add_(log_ps)  # log pi_S - log pi_T
         ps = log_ps.exp_()  # (n, V) in place: log pi_S is not needed any more
         diff.masked_fill_(ps == 0, 0.0)  # student zeros contribute nothing, as in reverse_kl
-        kl = torch.bmm(ps.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # (n,)
+        kl = torch.cat([(p * d).sum(-1, dtype=torch.float64) for p, d in zip(ps.split(64), diff.split(64))])
+        kl = kl.to(dtype)  # (n,) float64 sums over small row blocks: exact to float32, no (n, V) temporary
         ctx.save_for_backward(ps, diff, kl)
         ctx.student_dtype = student_logits.dtype
         return kl

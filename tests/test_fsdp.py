@@ -1,0 +1,149 @@
+"""Smoke tests of train_fsdp.py: the real script under `torchrun --nproc_per_node=2` (gloo, CPU), tiny models, checked
+against train_small.py on the same data. Runs are shared between tests through module-scoped fixtures."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # --standalone: a free port per run
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+# Greedy rollouts (temperature 0) so both scripts visit the same tokens; 2 prompts x 2 rollouts = 2 rows per rank;
+# a TRB warmup (eps > 0 for 3 steps, then vanilla OPD) so the teacher decodes online too.
+TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
+        "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=4", "--student_layers=2",
+        "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8", "--sft_batch_size=8",
+        "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=12", "--max_steps=5", "--eval_every=0",
+        "--method=trb", "--warmup_steps=3", "--eps0=0.5", "--temperature=0", "--lr_warmup_steps=1"]
+FSDP_ONLY = ["--teacher_sharding=shard", "--rollout_batch_size=1", "--micro_batch_size=1"]  # 2 of each per rank
+RELATIVE = 1e-4
+
+
+def run(command, timeout=240):
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command[:6])} ... failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def train_small(out_dir, cache_dir, *extra):
+    return run([sys.executable, "train_small.py", *TINY, f"--cache_dir={cache_dir}", f"--out_dir={out_dir}", *extra])
+
+
+def fsdp_command(out_dir, cache_dir, *extra, nproc=2):
+    return [*TORCHRUN, f"--nproc_per_node={nproc}", "train_fsdp.py", *TINY, *FSDP_ONLY, f"--cache_dir={cache_dir}",
+            f"--out_dir={out_dir}", *extra]
+
+
+def kill_tree(pid):
+    """SIGKILL a process and its descendants (torchrun starts each rank in its own session, so killpg misses them)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for children in Path(f"/proc/{tree[i]}/task").glob("*/children"):
+            tree += [int(child) for child in children.read_text().split()]
+        i += 1
+    for member in reversed(tree):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+
+
+def weights(out_dir):
+    return load_file(Path(out_dir) / "student" / "model.safetensors")
+
+
+def max_relative(a, b):
+    """Largest |a - b| / max|a| over the tensors of two state dicts."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """train_small.py and train_fsdp.py (2 ranks), 5 identical greedy steps each; the FSDP run checkpoints every
+    2 steps. The tiny teacher and student inits are trained once, by train_small.py, into a shared cache."""
+    root = tmp_path_factory.mktemp("fsdp")
+    cache = root / "cache"
+    train_small(root / "small", cache, "--checkpoint_every=0")
+    run(fsdp_command(root / "fsdp", cache, "--checkpoint_every=2"))
+    return root
+
+
+def test_fsdp_reproduces_single_process_losses_and_weights(runs):
+    """5 greedy steps on 2 ranks give train_small.py's per-step loss and final weights within 1e-4 relative."""
+    small, fsdp = metrics(runs / "small"), metrics(runs / "fsdp")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in small] == [0, 1, 2, 3, 4, 5]
+    for a, b in zip(small[1:], fsdp[1:]):
+        assert a["completion_tokens"] == b["completion_tokens"]  # the same global token count normalises the loss
+        assert abs(a["loss"] - b["loss"]) <= RELATIVE * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= RELATIVE * a["grad_norm"]
+        assert a["eps"] == b["eps"] and abs(a["beta"] - b["beta"]) <= 1e-6
+    assert small[-1]["greedy"] == fsdp[-1]["greedy"]
+    assert max_relative(weights(runs / "small"), weights(runs / "fsdp")) <= RELATIVE
+
+
+def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
+    """chunked_opd_loss (head weights used outside FSDP's forward), replicated teacher: losses, weights within 1e-4."""
+    extra = ["--chunked_loss=true", "--loss_chunk_size=5", "--max_steps=3", "--checkpoint_every=0"]
+    train_small(runs / "small_chunked", runs / "cache", *extra)
+    run(fsdp_command(runs / "fsdp_chunked", runs / "cache", *extra, "--teacher_sharding=replicate"))
+    for a, b in zip(metrics(runs / "small_chunked")[1:], metrics(runs / "fsdp_chunked")[1:], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= RELATIVE * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    assert max_relative(weights(runs / "small_chunked"), weights(runs / "fsdp_chunked")) <= RELATIVE
+
+
+def test_exported_student_loads_with_from_pretrained(runs):
+    """Rank 0's export is a plain Hugging Face folder: from_pretrained gives the unwrapped class and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    student = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "student")
+    tokenizer = AutoTokenizer.from_pretrained(runs / "fsdp" / "student")
+    assert type(student).__name__ == student.config.architectures[0] == "Qwen3ForCausalLM"
+    ids = tokenizer(["12+34="], return_tensors="pt")["input_ids"]
+    assert torch.isfinite(student(input_ids=ids).logits).all()
+    summary = json.loads((runs / "fsdp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 5
+
+
+def test_kill_and_resume_equals_uninterrupted_run(runs):
+    """SIGKILL after a DCP checkpoint, resume at 2 ranks (and at 1): the same metrics and weights as no interruption."""
+    out = runs / "killed"
+    with open(runs / "killed.log", "w") as log:
+        process = subprocess.Popen(fsdp_command(out, runs / "cache", "--checkpoint_every=2"), cwd=ROOT, env=ENV,
+                                   stdout=log, stderr=log)
+        deadline = time.time() + 200
+        while not list(out.glob("checkpoints/step_*")) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        kill_tree(process.pid)  # both ranks and torchrun, wherever they are
+        process.wait()
+    assert list(out.glob("checkpoints/step_*")), (runs / "killed.log").read_text()[-3000:]
+    shutil.copytree(out, runs / "killed_one_rank")
+    run(fsdp_command(out, runs / "cache", "--checkpoint_every=2", "--resume=true"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(metrics(out)) == strip(metrics(runs / "fsdp"))
+    assert max_relative(weights(runs / "fsdp"), weights(out)) == 0.0
+    # DCP reshards the student and AdamW state for another world size (the sampler RNG restarts; greedy here).
+    run(fsdp_command(runs / "killed_one_rank", runs / "cache", "--checkpoint_every=2", "--resume=true", nproc=1))
+    assert max_relative(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
+
+
+def test_rollout_all_gathers_do_not_grow_with_new_tokens():
+    """generate() all-gathers each FSDP unit once per rollout: as many for 32 new tokens as for 8."""
+    result = run([*TORCHRUN, "--nproc_per_node=2", "tests/_fsdp_allgather.py"])
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["gathered_8"] == counts["gathered_32"] == counts["fsdp_units"] > 0
+    assert counts["per_forward_32"] > counts["per_forward_8"]  # the count is sensitive: FSDP's default regathers

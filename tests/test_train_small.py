@@ -1,0 +1,208 @@
+"""Smoke, resume and config tests of train_small.py: the real script in subprocesses, made tiny by overrides."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_small  # noqa: E402
+
+# A few-second configuration: 1-layer models, 2-digit sums, 2 prompts x 2 rollouts, 12 new tokens.
+TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
+        "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=4", "--student_layers=1",
+        "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8", "--sft_batch_size=8",
+        "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=12", "--max_steps=3", "--eval_every=2",
+        "--warmup_steps=2", "--eps0=0.5", "--checkpoint_every=0", "--lr_warmup_steps=1"]
+
+
+def run(*args, check=True):
+    """Run train_small.py with the given --key=value arguments; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "train_small.py"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train_small.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One cache folder for the whole session: the tiny teacher and student inits are trained once."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny(cache_dir, out_dir, *extra):
+    return [*TINY, f"--cache_dir={cache_dir}", f"--out_dir={out_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def real_folders(tmp_path_factory):
+    """Tiny random 'real' models (chat-template tokenizer) and a GSM8K-style dataset, saved to local folders."""
+    from datasets import Dataset, DatasetDict
+    root = tmp_path_factory.mktemp("real")
+    tokenizer = train_small.char_tokenizer("".join(chr(i) for i in range(32, 127)) + "\n")  # printable ASCII
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    for name, layers in (("student", 1), ("teacher", 2)):
+        model = train_small.tiny_qwen3(tokenizer, layers, 32, seed=layers)
+        model.config.max_position_embeddings = 512
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rows = lambda n: {"question": [f"What is {i}+{i + 1}?" for i in range(n)],
+                      "answer": [f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}" for i in range(n)]}
+    DatasetDict({"train": Dataset.from_dict(rows(8)), "test": Dataset.from_dict(rows(4))}).save_to_disk(root / "data")
+    with open(root / "no_answer.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": q}) + "\n" for q in rows(8)["question"])
+    with open(root / "problems.jsonl", "w") as f:  # one split only: train_small.py holds out eval_size rows
+        f.writelines(json.dumps({"problem": q, "solution": f"\\boxed{{{a[-2:].strip()}}}"}) + "\n"
+                     for q, a in zip(*rows(8).values()))
+    return root
+
+
+def real_args(folders, out_dir, *extra):
+    return [f"--student={folders / 'student'}", f"--teacher={folders / 'teacher'}", f"--dataset={folders / 'data'}",
+            "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=8", "--max_steps=2", "--eval_size=2",
+            "--eval_samples=2", "--eval_every=0", "--checkpoint_every=0", f"--out_dir={out_dir}", *extra]
+
+
+def test_smoke_run_writes_metrics_summary_and_loadable_student(cache_dir, tmp_path):
+    """A tiny TRB run logs every per-step metric, writes summary.json and a student from_pretrained can load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run(*tiny(cache_dir, tmp_path / "run", "--method=trb"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in ("loss", "eps", "beta", "realised_kl", "teacher_logprob", "teacher_entropy", "tokens_per_s"):
+        assert all(key in r for r in rows[1:]), key
+    assert all("pass@1" in rows[i] and "greedy" in rows[i] for i in (0, 2, 3))
+    assert rows[1]["eps"] == 0.5 and rows[3]["eps"] == 0.0  # E5 anneals to zero at warmup_steps
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["final_pass@1"] <= 1
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.vocab_size == len(tokenizer)
+
+
+@pytest.mark.parametrize("variant", ["opd", "skd", "chunked", "bf16"])
+def test_other_behaviors_chunked_loss_and_bf16_run(cache_dir, tmp_path, variant):
+    """Vanilla OPD, SKD, the chunked loss and bf16 autocast (float32 master weights) each complete a tiny run."""
+    extra = {"opd": ["--method=opd"], "skd": ["--method=skd"], "bf16": ["--dtype=bfloat16"],
+             "chunked": ["--chunked_loss=true", "--loss_chunk_size=5"]}[variant]
+    run(*tiny(cache_dir, tmp_path / "run", "--max_steps=2", "--eval_every=0", *extra))
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
+    """--compare trains every method for every seed and writes comparison.json, .md and .png."""
+    run(*tiny(cache_dir, tmp_path / "cmp", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2"))
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert set(result) == {"opd", "trb"} and len(result["trb"]["final"]) == 2
+    assert "| trb |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+
+
+def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
+    """Stop after a checkpoint, resume (past a half-written save): final weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+    run(*tiny(cache_dir, tmp_path / "full", "--max_steps=4", "--checkpoint_every=2"))
+    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=2", "--checkpoint_every=2"))
+    half_written = tmp_path / "parts" / "checkpoints" / ".tmp-step_000003"  # as left by a kill during a save
+    half_written.mkdir()
+    (half_written / "state.pt").write_bytes(b"truncated")
+    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", "--checkpoint_every=2", "--resume=true"))
+    full = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "parts" / "student" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
+    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "parts" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])
+def test_real_model_path_with_local_models_and_dataset(real_folders, tmp_path, dataset):
+    """Local HF models + a local dataset (save_to_disk / chunked loss, or one jsonl file) train; the student exports."""
+    from transformers import AutoModelForCausalLM
+    data = ["--chunked_loss=true"] if dataset == "save_to_disk" else [
+        f"--dataset={real_folders / 'problems.jsonl'}", "--question_field=problem", "--answer_field=solution"]
+    run(*real_args(real_folders, tmp_path / "run", *data))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["teacher"] is None
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+
+
+def test_real_prompt_uses_chat_template_and_system_prompt(real_folders):
+    """With a chat template, the prompt is the paper's system prompt and the question rendered through it."""
+    from transformers import AutoTokenizer
+    cfg = train_small.load_config(real_args(real_folders, "unused"))
+    tokenizer = AutoTokenizer.from_pretrained(real_folders / "student")
+    assert train_small.format_prompt("What is 1+2?", tokenizer, cfg) == (
+        "<system>Please reason step by step, and put your final answer within \\boxed{}.\n<user>What is 1+2?\n<assistant>")
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--eps0=-0.1"], "eps0"),
+    (["--temperature=-1"], "temperature"),
+    (["--method=nope"], "method"),
+    (["--compare=opd,nope"], "compare"),
+    (["--batch_size=0"], "batch_size"),
+    (["--max_steps=ten"], "max_steps"),
+    (["--resume=maybe"], "resume"),
+    (["--learning_rate=0.1"], "learning_rate"),
+    (["--student=/does/not/exist"], "student"),
+    (["--teacher=./no_such_teacher"], "teacher"),
+    (["--dataset=/no/such/data.jsonl"], "dataset"),
+    (["--config=/no/such/config.yaml"], "config"),
+])
+def test_config_error_is_one_line_naming_the_key(args, key):
+    """A bad key or value exits non-zero with one stderr line that names the key, and no traceback."""
+    result = run(*args, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    """config.yaml with a wrong type or an unknown key is rejected with the key's name."""
+    text = (ROOT / "config.yaml").read_text()
+    for old, new, key in (("eps0: 0.02", "eps0: high", "eps0"), ("seed: 0", "seed: 0\nextra_key: 1", "extra_key")):
+        (tmp_path / "bad.yaml").write_text(text.replace(old, new, 1))
+        result = run(f"--config={tmp_path / 'bad.yaml'}", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and key in lines[0], result.stderr
+
+
+def test_dataset_without_needed_field_is_rejected(real_folders, tmp_path):
+    """A dataset without the answer field stops with one line naming the dataset and the field."""
+    result = run(*real_args(real_folders, tmp_path / "run", f"--dataset={real_folders / 'no_answer.jsonl'}"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "dataset" in lines[0] and "answer" in lines[0], result.stderr
+
+
+def test_char_tokenizer_survives_save_and_load(tmp_path):
+    """The offline tokenizer round-trips text and keeps pad/eos ids and left padding after save/from_pretrained."""
+    from transformers import AutoTokenizer
+    tokenizer = train_small.char_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "12+345=2+5+0=7;#### 357"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"] and loaded.decode(loaded(text)["input_ids"]) == text
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.padding_side) == (0, 1, "left")
+    assert loaded(["1", "123"], padding=True)["attention_mask"][0] == [0, 0, 1]
+
+
+def test_answer_extraction_and_synthetic_solutions():
+    """Answers come from the last \\boxed{} or '#### n'; every synthetic worked solution checks as its own sum."""
+    assert train_small.extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{1,234}") == "1234"
+    assert train_small.extract_answer("x\n#### 72\n") == "72" and train_small.extract_answer("no answer") is None
+    assert train_small.reference_answer("17") == "17"
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        row = train_small.make_problem(rng, 4)
+        a, b = map(int, row["question"][:-1].split("+"))
+        assert train_small.extract_answer(row["answer"]) == str(a + b)

@@ -15,10 +15,8 @@ Launch (same config.yaml and --key=value overrides as train_small.py; NCCL on GP
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=trb \
         train_fsdp.py ...                                                          # multi-node: same on every node
 
-Keys beyond train_small.py's (their defaults are used when config.yaml lacks them):
-    teacher_sharding: replicate   # replicate: a full copy per GPU; shard: FSDP-sharded, gathered only while it runs
-    rollout_batch_size: 0         # rows per blended_generate call on a rank (bounds the KV caches); 0 = all its rows
-    micro_batch_size: 0           # rows per forward/backward on a rank (gradient accumulation); 0 = all its rows
+config.yaml keys that only this script reads: teacher_sharding (replicate | shard), rollout_batch_size (rows per
+blended_generate call on a rank, bounding the KV caches) and micro_batch_size (rows per forward/backward on a rank).
 """
 import dataclasses
 import gc
@@ -46,34 +44,6 @@ from tqdm import tqdm
 
 import train_small as small
 import trb
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration: train_small.py's, plus three keys that only this script reads.
-
-FSDP_KEYS = {"teacher_sharding": ("replicate", lambda v: v in ("replicate", "shard"), "replicate or shard"),
-             "rollout_batch_size": (0, lambda v: v >= 0, ">= 0 (0 = all of a rank's rows)"),
-             "micro_batch_size": (0, lambda v: v >= 0, ">= 0 (0 = all of a rank's rows)")}
-
-
-def load_config(argv):
-    """train_small.load_config, plus the keys only this script reads, with their defaults where config.yaml (the
-    shared Config) does not have them yet."""
-    fields = {f.name for f in dataclasses.fields(small.Config)}
-    extra = {k: default for k, (default, _, _) in FSDP_KEYS.items() if k not in fields}
-    rest = []
-    for arg in argv:
-        key, _, raw = arg[2:].partition("=")
-        if key in extra:
-            extra[key] = small.parse_value(key, raw, type(extra[key]))
-        else:
-            rest.append(arg)
-    cfg = small.load_config(rest)
-    for key, value in extra.items():
-        if not FSDP_KEYS[key][1](value):
-            small.die(f"{key}: must be {FSDP_KEYS[key][2]}, got {value!r}")
-        setattr(cfg, key, value)
-    return cfg
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Process group and sharding.
@@ -178,16 +148,6 @@ def rank_slice(n, rank, world):
 # the global token count, so that the update equals single-process training on the whole batch.
 
 
-def forward_completions(model, sequences, mask, P, V, hidden):
-    """train_small.forward_completions, but hidden states come through the root's forward (output_hidden_states), so
-    that FSDP's root hooks gather the embeddings and keep the head gathered for chunked_opd_loss."""
-    if not hidden:
-        return small.forward_completions(model, sequences, mask, P, V, hidden)
-    out = model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask),
-                output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, P - 1:-1]  # (B, N, H) after the final norm
-
-
 def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids, rank, world):
     """One OPD update over the global batch `questions`; this rank rolls out and differentiates its own share."""
     device = next(student.parameters()).device
@@ -220,11 +180,11 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
         rows = slice(start, start + micro)
         sequences, row_mask, completion_mask = rollout.sequences[rows], mask[rows], rollout.completion_mask[rows]
         with torch.no_grad(), gathered(teacher):
-            teacher_out = forward_completions(teacher, sequences, row_mask, P, V, cfg.chunked_loss)
+            teacher_out = small.forward_completions(teacher, sequences, row_mask, P, V, cfg.chunked_loss)
             teacher_head = teacher.get_output_embeddings().weight[:V] if cfg.chunked_loss else None
             if teacher_head is not None and isinstance(teacher, FSDPModule):
                 teacher_head = teacher_head.clone()  # kept for the loss's backward; the gathered copy is freed
-        student_out = forward_completions(student, sequences, row_mask, P, V, cfg.chunked_loss)
+        student_out = small.forward_completions(student, sequences, row_mask, P, V, cfg.chunked_loss)
         if cfg.chunked_loss:  # the root's forward left the (tied) head gathered until its backward
             loss = trb.chunked_opd_loss(student_out, student.get_output_embeddings().weight[:V], teacher_out,
                                         teacher_head, completion_mask, chunk_size=cfg.loss_chunk_size,
@@ -401,13 +361,13 @@ def train(cfg, rank, world, device):
                    "final_pass@1": evals[-1]["pass@1"], "final_greedy": evals[-1]["greedy"],
                    "best_pass@1": best["pass@1"], "best_step": best["step"], "teacher": teacher_scores,
                    "wall_s": round(time.time() - started, 1), "world_size": world,
-                   "config": {**dataclasses.asdict(cfg), **{k: getattr(cfg, k) for k in FSDP_KEYS}}}
+                   "config": dataclasses.asdict(cfg)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return history
 
 
 def main():
-    cfg = load_config(sys.argv[1:])
+    cfg = small.load_config(sys.argv[1:])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.compare:

@@ -110,6 +110,9 @@ class Config:
     student_sft_steps: int
     student_sft_lr: float
     sft_batch_size: int
+    teacher_sharding: str
+    rollout_batch_size: int
+    micro_batch_size: int
 
 
 def die(message):
@@ -134,6 +137,8 @@ CHECKS = [
     ("teacher_hidden student_hidden", lambda v: v >= 32, ">= 32"),
     ("task_digits", lambda v: 1 <= v <= 9, "in [1, 9]"),
     ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "one of auto, float32, bfloat16"),
+    ("rollout_batch_size micro_batch_size", lambda v: v >= 0, ">= 0 (0 = all of a rank's rows)"),
+    ("teacher_sharding", lambda v: v in ("replicate", "shard"), "replicate or shard"),
 ]
 
 
@@ -182,10 +187,9 @@ def load_config(argv):
             if key in keys.split() and not valid(value):
                 die(f"{key}: must be {requirement}, got {value!r}")
     cfg = Config(**values)
-    for method in [cfg.method] + [m for m in cfg.compare.split(",") if m]:
+    for key, method in [("method", cfg.method)] + [("compare", m) for m in cfg.compare.split(",") if m]:
         if method not in trb.BEHAVIOR_POLICIES:
-            die(f"{'compare' if cfg.compare else 'method'}: unknown behavior policy {method!r} "
-                f"(one of {', '.join(trb.BEHAVIOR_POLICIES)})")
+            die(f"{key}: unknown behavior policy {method!r} (one of {', '.join(trb.BEHAVIOR_POLICIES)})")
     if not re.fullmatch(r"\d+(,\d+)*", cfg.seeds):
         die(f"seeds: expected comma-separated integers, got {cfg.seeds!r}")
     for key in ("student", "teacher", "dataset"):
@@ -235,8 +239,7 @@ def synthetic_splits(cfg):
 
 def char_tokenizer(alphabet="0123456789+=;# "):
     """Character-level PreTrainedTokenizerFast: <pad>=0, <eos>=1, <unk>=2, then one token per alphabet character.
-    The default alphabet is exactly the synthetic task's: with no unused tokens the teacher's near-zero
-    probabilities on characters it never saw (log pi_T ~ -30) cannot dominate the reverse-KL gradient."""
+    The default alphabet is exactly the synthetic task's, so no vocabulary row is one the models never see."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     tokens = ["<pad>", "<eos>", "<unk>"] + list(alphabet)
@@ -490,9 +493,10 @@ def train_questions(train, step, cfg):
 
 def forward_completions(model, sequences, mask, P, V, hidden):
     """Logits (B, N, V) or last hidden states (B, N, H) at the positions that predict the N completion tokens."""
-    if hidden:
-        out = model.base_model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask))
-        return out.last_hidden_state[:, P - 1:-1]
+    if hidden:  # through the root forward (not model.base_model), so that FSDP's root hooks gather embeddings and head
+        out = model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask),
+                    output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1][:, P - 1:-1]  # (B, N, H) after the final norm
     out = model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask))
     return out.logits[:, P - 1:-1, :V]
 
@@ -693,8 +697,15 @@ def mean_std(values):
 def compare(cfg):
     """Every method in cfg.compare for every seed in cfg.seeds (same teacher, same per-seed student init)."""
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
-    runs = {m: [train(dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=f"{cfg.out_dir}/{m}_seed{s}"))
-                for s in seeds] for m in methods}
+
+    def run(method, seed):  # with --resume=true, finished runs are read back and interrupted ones continue
+        out_dir = f"{cfg.out_dir}/{method}_seed{seed}"
+        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, compare="", out_dir=out_dir)
+        if cfg.resume and (Path(run_cfg.out_dir) / "summary.json").exists():
+            return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
+        return train(run_cfg)
+
+    runs = {m: [run(m, s) for s in seeds] for m in methods}
     lines = ["| method | final pass@1 | best pass@1 | final greedy | teacher log-prob (warmup) | final pass@1 per seed |",
              "|---|---|---|---|---|---|"]
     results = {}
@@ -729,6 +740,7 @@ def plot_comparison(runs, path, cfg):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    beta_axis = axes[1].twinx()  # eps ~ 1e-2 and beta in [0, 1] need their own scales
     for i, (m, histories) in enumerate(runs.items()):
         color = f"C{i}"
         steps = [row["step"] for row in histories[0] if "pass@1" in row]
@@ -736,13 +748,15 @@ def plot_comparison(runs, path, cfg):
         axes[0].plot(steps, curves.mean(0), color=color, marker="o", label=m)
         axes[0].fill_between(steps, curves.min(0).values, curves.max(0).values, color=color, alpha=0.2)
         rows = [row for row in histories[0] if "loss" in row]
-        axes[1].plot([r["step"] for r in rows], [r["eps"] for r in rows], color=color, label=f"{m} eps")
-        beta = torch.tensor([[r["beta"] for r in h if "loss" in r] for h in histories]).mean(0)
-        axes[1].plot([r["step"] for r in rows], beta, color=color, linestyle="--", label=f"{m} mean beta")
+        train_steps = [r["step"] for r in rows]
+        axes[1].plot(train_steps, [r["eps"] for r in rows], color=color, label=m)
+        beta = torch.tensor([[r["beta"] for r in h if "loss" in r] for h in histories]).mean(0)  # (steps,)
+        beta_axis.plot(train_steps, beta, color=color, linestyle="--")
         logprob = torch.tensor([[r["teacher_logprob"] for r in h if "loss" in r] for h in histories]).mean(0)
-        axes[2].plot([r["step"] for r in rows], logprob, color=color, label=m)
+        axes[2].plot(train_steps, logprob, color=color, label=m)
     axes[0].set(xlabel="step", ylabel="held-out pass@1", title=f"pass@1 (mean over seeds {cfg.seeds}, band min-max)")
-    axes[1].set(xlabel="step", ylabel="eps (solid) / mean beta (dashed)", title="KL budget and mean beta")
+    axes[1].set(xlabel="step", ylabel="KL budget eps (solid)", title="KL budget (solid) and mean beta (dashed)")
+    beta_axis.set(ylabel="mean beta over rollout tokens (dashed)", ylim=(-0.02, 1.02))
     axes[2].set(xlabel="step", ylabel="mean log pi_T(sampled token)", title="teacher log-prob of rollout tokens")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -42,7 +42,7 @@ def tiny(cache_dir, out_dir, *extra):
 
 @pytest.fixture(scope="session")
 def real_folders(tmp_path_factory):
-    """Tiny random 'real' models (chat-template tokenizer) and a GSM8K-style dataset, saved to local folders."""
+    """Tiny random 'real' models (chat template, two teacher EOS ids) and GSM8K-style data, saved to local folders."""
     from datasets import Dataset, DatasetDict
     root = tmp_path_factory.mktemp("real")
     tokenizer = train_small.char_tokenizer("".join(chr(i) for i in range(32, 127)) + "\n")  # printable ASCII
@@ -51,6 +51,8 @@ def real_folders(tmp_path_factory):
     for name, layers in (("student", 1), ("teacher", 2)):
         model = train_small.tiny_qwen3(tokenizer, layers, 32, seed=layers)
         model.config.max_position_embeddings = 512
+        if name == "teacher":  # a second stop id, like Qwen3 chat (<|im_end|>) next to Qwen3-Base (<|endoftext|>)
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("\n")]
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     rows = lambda n: {"question": [f"What is {i}+{i + 1}?" for i in range(n)],
@@ -108,12 +110,14 @@ def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
 def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     """Stop after a checkpoint, resume (past a half-written save): final weights equal an uninterrupted run's."""
     from safetensors.torch import load_file
-    run(*tiny(cache_dir, tmp_path / "full", "--max_steps=4", "--checkpoint_every=2"))
-    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=2", "--checkpoint_every=2"))
+    common = ["--method=trb", "--warmup_steps=4", "--checkpoint_every=2"]  # the blend is still on after the stop
+    run(*tiny(cache_dir, tmp_path / "full", "--max_steps=4", *common))
+    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=2", *common))
     half_written = tmp_path / "parts" / "checkpoints" / ".tmp-step_000003"  # as left by a kill during a save
     half_written.mkdir()
     (half_written / "state.pt").write_bytes(b"truncated")
-    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", "--checkpoint_every=2", "--resume=true"))
+    resumed_run = run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", *common, "--resume=true"))
+    assert "resumed from" in resumed_run.stdout and "step_000002" in resumed_run.stdout
     full = load_file(tmp_path / "full" / "student" / "model.safetensors")
     resumed = load_file(tmp_path / "parts" / "student" / "model.safetensors")
     assert full.keys() == resumed.keys()

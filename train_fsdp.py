@@ -188,7 +188,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
         if cfg.chunked_loss:  # the root's forward left the (tied) head gathered until its backward
             loss = trb.chunked_opd_loss(student_out, student.get_output_embeddings().weight[:V], teacher_out,
                                         teacher_head, completion_mask, chunk_size=cfg.loss_chunk_size,
-                                        topk=cfg.loss_topk)
+                                        topk=cfg.loss_topk, eos_ids=eos_ids)
         else:
             student_out, teacher_out = (trb.canonicalise_eos(x, eos_ids) for x in (student_out, teacher_out))
             loss = trb.opd_loss(student_out, teacher_out, completion_mask, topk=cfg.loss_topk)

@@ -279,9 +279,10 @@ class _ReverseKLFromHidden(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_hidden, teacher_head_weight):
+    def forward(ctx, student_logits, teacher_hidden, teacher_head_weight, eos_ids):
         dtype = _compute_dtype(student_logits)
         diff = (teacher_hidden @ teacher_head_weight.T).to(dtype)  # (n, V) teacher logits, soon log pi_S - log pi_T
+        diff = canonicalise_eos(diff, eos_ids)
         diff = diff.sub_(torch.logsumexp(diff, dim=-1, keepdim=True))  # log pi_T
         log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (n, V)
         diff = diff.neg_().add_(log_ps)  # log pi_S - log pi_T
@@ -298,28 +299,29 @@ class _ReverseKLFromHidden(torch.autograd.Function):
     def backward(ctx, grad_kl):
         ps, diff, kl = ctx.saved_tensors
         grad = (diff - kl.unsqueeze(-1)).mul_(ps).mul_(grad_kl.unsqueeze(-1))  # (n, V)
-        return grad.to(ctx.student_dtype), None, None
+        return grad.to(ctx.student_dtype), None, None, None
 
 
-def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk):
+def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk, eos_ids):
     """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar."""
-    student_logits = student_hidden @ student_head_weight.T  # (n, V)
+    student_logits = canonicalise_eos(student_hidden @ student_head_weight.T, eos_ids)  # (n, V)
     if topk == 0:
-        return _ReverseKLFromHidden.apply(student_logits, teacher_hidden, teacher_head_weight).sum()
+        return _ReverseKLFromHidden.apply(student_logits, teacher_hidden, teacher_head_weight, eos_ids).sum()
     with torch.no_grad():
-        teacher_logits = teacher_hidden @ teacher_head_weight.T  # (n, V)
+        teacher_logits = canonicalise_eos(teacher_hidden @ teacher_head_weight.T, eos_ids)  # (n, V)
     return _topk_reverse_kl(student_logits, teacher_logits, topk).sum()
 
 
 def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask,
-                     chunk_size=1024, topk=0):
+                     chunk_size=1024, topk=0, eos_ids=()):
     """
     E1 from hidden states: equal in value and gradients to
         opd_loss(student_hidden @ student_head_weight.T, teacher_hidden @ teacher_head_weight.T, mask, topk)
     without ever holding the (B, T, V) logits. Masked-in positions are gathered (n, H), processed `chunk_size` at a
     time, and each chunk is recomputed in the backward pass (activation checkpointing), so peak extra memory is about
     a few (chunk_size, V) float32 buffers. student_hidden (B, T, Hs), student_head_weight (V, Hs); the teacher's
-    hidden size Ht may differ.
+    hidden size Ht may differ. eos_ids: with several, both models' logits are canonicalised (canonicalise_eos) per
+    chunk, as opd_loss's callers do to the logits they pass.
     """
     _check_loss_args(mask, topk)
     if chunk_size <= 0:
@@ -329,7 +331,7 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
     total = hs.new_zeros((), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
     for start in range(0, hs.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
-        args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk)
+        args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk, list(eos_ids))
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
         else:

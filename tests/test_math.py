@@ -300,3 +300,19 @@ def test_chunked_opd_loss_equals_dense(topk):
         torch.testing.assert_close(got, want)
     with torch.no_grad():
         torch.testing.assert_close(trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, topk=topk), dense)
+
+
+def test_chunked_opd_loss_canonicalises_eos():
+    """With several EOS ids, chunked_opd_loss equals opd_loss on canonicalised logits, in value and gradients."""
+    g = torch.Generator().manual_seed(8)
+    hs = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    ws = torch.randn(20, 8, generator=g, requires_grad=True)
+    ht, wt = torch.randn(2, 5, 6, generator=g), torch.randn(20, 6, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    eos = [3, 17]
+    dense = trb.opd_loss(trb.canonicalise_eos(hs @ ws.T, eos), trb.canonicalise_eos(ht @ wt.T, eos), mask)
+    chunked = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, eos_ids=eos)
+    torch.testing.assert_close(chunked, dense)
+    for got, want in zip(torch.autograd.grad(chunked, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(chunked, trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3))

@@ -208,10 +208,11 @@ def blend_logprobs(student_logits, teacher_logits, beta):
     log_ps, r = _blend_terms(student_logits, teacher_logits)
     beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
     w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
-    pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
     # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support.
     fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))
-    w = torch.where(fallback.unsqueeze(-1), pure_student, w)
+    if bool(fallback.any()):
+        pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
+        w = torch.where(fallback.unsqueeze(-1), pure_student, w)
     return torch.log_softmax(w, dim=-1)
 
 
@@ -223,10 +224,13 @@ def reverse_kl(student_logits, teacher_logits):
     """
     dtype = _compute_dtype(student_logits)
     log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
-    log_pt = torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (..., V)
-    ps = log_ps.exp()
-    diff = torch.where(ps > 0, log_ps - log_pt, 0.0)  # mask before multiplying so that 0 * inf never appears
-    return (ps * diff).sum(dim=-1)
+    return _kl(log_ps, torch.log_softmax(teacher_logits.to(dtype), dim=-1))
+
+
+def _kl(log_p, log_q):
+    """KL(p || q) over the last dim of log-probabilities, with 0 log 0 = 0 (also in the gradient)."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)  # masked before the product: no 0 * inf
 
 
 def _topk_reverse_kl(student_logits, teacher_logits, topk):
@@ -244,8 +248,7 @@ def _topk_reverse_kl(student_logits, teacher_logits, topk):
     index = student_logits.detach().topk(topk, dim=-1).indices  # (..., k)
     log_q = torch.log_softmax(student_logits.to(dtype).gather(-1, index), dim=-1)  # (..., k)
     log_pt = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(-1, index)  # (..., k)
-    q = log_q.exp()
-    return (q * torch.where(q > 0, log_q - log_pt, 0.0)).sum(dim=-1)
+    return _kl(log_q, log_pt)
 
 
 def _per_position_kl(student_logits, teacher_logits, topk):
@@ -405,12 +408,6 @@ def _sample(log_probs, greedy, generator):
     return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
 
 
-def _kl_rows(log_p, log_q):
-    """KL(p || q) per row of (B, V) log-probabilities, with 0 log 0 = 0."""
-    p = log_p.exp()
-    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
-
-
 def blend_token_rule(student_logits, teacher_logits, eps, greedy, generator):
     """
     The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None when
@@ -423,7 +420,7 @@ def blend_token_rule(student_logits, teacher_logits, eps, greedy, generator):
     else:
         beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
-        kl = _kl_rows(log_mu, log_ps)
+        kl = _kl(log_mu, log_ps)
     token = _sample(log_mu, greedy, generator)
     no_replacement = torch.zeros_like(token, dtype=torch.bool)
     return token, beta, log_mu.gather(-1, token[:, None]).squeeze(-1), kl, no_replacement
@@ -448,7 +445,7 @@ def skd_token_rule(top_k, teacher_temperature):
         log_outside = torch.logsumexp(log_ps.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)  # (B, 1)
         log_q = torch.logaddexp(log_ps.masked_fill(~in_top, -math.inf), log_outside + log_pt_tau)  # (B, V)
         beta = torch.zeros_like(log_ps[:, 0])
-        return token, beta, log_q.gather(-1, token[:, None]).squeeze(-1), _kl_rows(log_q, log_ps), ~keep
+        return token, beta, log_q.gather(-1, token[:, None]).squeeze(-1), _kl(log_q, log_ps), ~keep
     return rule
 
 

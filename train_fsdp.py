@@ -192,10 +192,8 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
         else:
             student_out, teacher_out = (trb.canonicalise_eos(x, eos_ids) for x in (student_out, teacher_out))
             loss = trb.opd_loss(student_out, teacher_out, completion_mask, topk=cfg.loss_topk)
-            teacher_logprobs = torch.log_softmax(teacher_out.float(), -1)  # (b, N, V)
-            logprob_sum += teacher_logprobs.gather(-1, sequences[:, P:, None])[..., 0][completion_mask].sum().item()
-            entropy = -(teacher_logprobs.exp() * teacher_logprobs.nan_to_num(neginf=0.0)).sum(-1)  # (b, N)
-            entropy_sum += entropy[completion_mask].sum().item()
+            logprob, entropy = small.teacher_view_sums(teacher_out, sequences[:, P:], completion_mask)
+            logprob_sum, entropy_sum = logprob_sum + logprob, entropy_sum + entropy
         # opd_loss is a mean over this micro-batch's tokens: rescale it to (sum over them) / (tokens of all ranks),
         # then by world, because FSDP's reduce-scatter averages gradients over ranks (a sum / world). The reduced
         # gradient is then sum over every token of the batch / global token count: single-process training's.

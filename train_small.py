@@ -501,6 +501,16 @@ def forward_completions(model, sequences, mask, P, V, hidden):
     return out.logits[:, P - 1:-1, :V]
 
 
+def teacher_view_sums(teacher_logits, tokens, mask):
+    """Sums over completion tokens (mask (B, N)) of log pi_T(sampled token) and of the teacher's entropy, from
+    teacher_logits (B, N, V): the diagnostics of PAPER.md section 7, for every method (even when the rollout did not
+    run the teacher)."""
+    log_pt = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
+    logprob = log_pt.gather(-1, tokens[..., None])[..., 0][mask].sum().item()
+    entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)[mask].sum().item()
+    return logprob, entropy
+
+
 def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids):
     """One OPD update: rollouts from the behavior policy, then the E1 loss on the student's own forward pass."""
     device = next(student.parameters()).device
@@ -545,10 +555,9 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
                "teacher_logprob": stats["teacher_logprob"], "teacher_entropy": stats["teacher_entropy"],
                "completion_tokens": stats["completion_tokens"], "grad_norm": grad_norm.item(), "lr": lr_at(step, cfg)}
     if not cfg.chunked_loss:  # the teacher's view of the visited tokens for every method, from the loss forward
-        log_pt = torch.log_softmax(teacher_out.float(), -1)  # (B, N, V)
-        m = rollout.completion_mask
-        metrics["teacher_logprob"] = log_pt.gather(-1, rollout.sequences[:, P:, None])[..., 0][m].mean().item()
-        metrics["teacher_entropy"] = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)[m].mean().item()
+        logprob, entropy = teacher_view_sums(teacher_out, rollout.sequences[:, P:], rollout.completion_mask)
+        n = stats["completion_tokens"]
+        metrics["teacher_logprob"], metrics["teacher_entropy"] = (logprob / n, entropy / n) if n else (math.nan,) * 2
     metrics["tokens_per_s"] = stats["completion_tokens"] / (time.time() - started)
     return metrics
 

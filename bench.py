@@ -32,20 +32,6 @@ def median_time(fn, repeats, warmup=2):
     return statistics.median(times)
 
 
-def bisection_beta(student_logits, teacher_logits, eps, iters=40):
-    """The paper's baseline solver: plain float32 bisection on KL(mu_beta || pi_S) <= eps (for scale only)."""
-    log_ps = torch.log_softmax(student_logits.float(), -1)
-    r = torch.log_softmax(teacher_logits.float(), -1) - log_ps
-    lo = torch.zeros(student_logits.shape[:-1])
-    hi = torch.ones_like(lo)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        log_mu = torch.log_softmax(log_ps + mid.unsqueeze(-1) * r, -1)
-        kl = (log_mu.exp() * (log_mu - log_ps)).sum(-1)
-        lo, hi = torch.where(kl <= eps, mid, lo), torch.where(kl <= eps, hi, mid)
-    return lo
-
-
 def bench_solve(args):
     """solve_beta cost in units of one torch.log_softmax of the same (B, V) tensor."""
     g = torch.Generator().manual_seed(0)
@@ -68,13 +54,13 @@ def bench_solve(args):
             ratios.append(t_solve / t_ref)
         row.update(ratio=statistics.median(ratios), ratios=[round(x, 2) for x in ratios])
     t_ref = median_time(lambda: torch.log_softmax(student, -1), args.repeats)
-    t_bisect = median_time(lambda: bisection_beta(student, teacher, 0.02), 3, warmup=1)
+    t_bisect = median_time(lambda: trb.solve_beta_bisect(student, teacher, 0.02, iters=40), 3, warmup=1)
     print(f"solve_beta, B={B}, V={V}, float32, {torch.get_num_threads()} threads "
           f"(median of {args.runs} runs x {args.repeats} repeats; unit = one log_softmax, {1e3 * t_ref:.2f} ms)")
     for row in rows:
         print(f"  eps={row['eps']:<6} solve_beta = {row['ratio']:5.1f}x log_softmax  runs {row['ratios']}  "
               f"mean beta {row['mean_beta']:.4f}  max |KL-eps|/eps {row['max_rel_kl_error']:.1e}")
-    print(f"  for scale: 40-step float32 bisection = {t_bisect / t_ref:.0f}x log_softmax")
+    print(f"  for scale: trb.solve_beta_bisect (the paper's bisection), 40 steps, float32 = {t_bisect / t_ref:.0f}x log_softmax")
     return rows
 
 
@@ -133,7 +119,7 @@ def reencode_generate(student, teacher, input_ids, attention_mask, eps, max_new_
         kwargs = dict(attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False, logits_to_keep=1)
         s = student(ids, **kwargs).logits[:, -1].float()
         t = teacher(ids, **kwargs).logits[:, -1].float()
-        token = trb.blend_token_rule(s, t, eps, False, generator)[0]
+        token = trb.blend_token_rule(s, t, eps, False, generator)["token"]
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids

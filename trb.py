@@ -14,7 +14,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E1  L = E_h[ KL(pi_S(.|h) || pi_T(.|h)) ]             reverse_kl, opd_loss, chunked_opd_loss
     E2  mu* = argmin KL(mu||pi_T) s.t. KL(mu||pi_S)<=eps  blended_generate (solve E4, then sample E3)
     E3  mu_beta ~ pi_S^(1-beta) * pi_T^beta               blend_logprobs
-    E4  beta* = max{beta in [0,1]: KL(mu_beta||pi_S)<=eps} solve_beta
+    E4  beta* = max{beta in [0,1]: KL(mu_beta||pi_S)<=eps} solve_beta (Halley), solve_beta_bisect (as stated)
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
@@ -103,6 +103,31 @@ class _Blend:
         third = self.scratch.mul_(self.r).sum(dim=-1) / z.to(e.dtype)
         a = w_max.squeeze(-1) + torch.log(z) - torch.log(self.mass)
         return a.to(e.dtype), first.to(e.dtype), second, third
+
+
+@torch.no_grad()
+def solve_beta_bisect(student_logits, teacher_logits, eps, iters=50):
+    """
+    E4 as the paper states it: beta* = max { beta in [0, 1] : KL(mu_beta || pi_S) <= eps }, found by bisection,
+    since KL(mu_beta || pi_S) grows monotonically in beta. Each iteration builds the blend and its KL; after `iters`
+    of them beta* is bracketed to 2^-iters. Short and slow: solve_beta is the fast solver, and the tests check it
+    against this one run in float64. Same conventions as solve_beta (eps a float or a tensor of the batch shape;
+    disjoint supports give 0).
+    """
+    log_ps, r = _blend_terms(student_logits, teacher_logits)  # (..., V) on the joint support of the two models
+    eps = torch.as_tensor(eps, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
+
+    def realised_kl(beta):  # KL(mu_beta || pi_S) for beta > 0, where mu_beta lives on the joint support (E3)
+        log_mu = torch.log_softmax(log_ps + beta.unsqueeze(-1) * r, dim=-1)  # (..., V)
+        return _kl(log_mu, log_ps)  # NaN where the supports are disjoint (no blend): never <= eps, so infeasible
+
+    lo, hi = torch.zeros_like(eps), torch.ones_like(eps)  # KL(lo) <= eps < KL(hi), unless beta* = 1
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        feasible = realised_kl(mid) <= eps
+        lo, hi = torch.where(feasible, mid, lo), torch.where(feasible, hi, mid)
+    beta = torch.where(realised_kl(torch.ones_like(eps)) <= eps, 1.0, lo)
+    return torch.where(eps == 0, 0.0, beta)  # eps = 0 is pi_S itself, even where the models agree
 
 
 @torch.no_grad()
@@ -208,12 +233,14 @@ def blend_logprobs(student_logits, teacher_logits, beta):
     log_ps, r = _blend_terms(student_logits, teacher_logits)
     beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
     w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
-    # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support.
+    log_mu = torch.log_softmax(w, dim=-1)  # (..., V)
+    # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support. Those rows are
+    # log_softmax(student) as computed here, not normalised a second time: equal to pi_S by construction, on any CPU.
     fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))
     if bool(fallback.any()):
         pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
-        w = torch.where(fallback.unsqueeze(-1), pure_student, w)
-    return torch.log_softmax(w, dim=-1)
+        log_mu = torch.where(fallback.unsqueeze(-1), pure_student, log_mu)
+    return log_mu
 
 
 def reverse_kl(student_logits, teacher_logits):
@@ -371,6 +398,12 @@ class Rollout:
                     replaced_frac=mean(self.replaced), completion_tokens=n)
 
 
+# The (B, N) columns blended_generate collects step by step, with their dtype when no token is generated.
+ROLLOUT_COLUMNS = {"tokens": torch.long, "completion_mask": torch.bool, "beta": torch.float32,
+                   "behavior_logprobs": torch.float32, "teacher_logprobs": torch.float32,
+                   "realised_kl": torch.float32, "teacher_entropy": torch.float32, "replaced": torch.bool}
+
+
 def position_ids(attention_mask):
     """(B, T) positions of a left-padded batch: 0 at each row's first real token (pads get 0, and are masked)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -411,19 +444,20 @@ def _sample(log_probs, greedy, generator):
 def blend_token_rule(student_logits, teacher_logits, eps, greedy, generator):
     """
     The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None when
-    eps = 0 (pure student). Returns (token, beta, log mu(token), KL(mu || pi_S), replaced), each (B,).
+    eps = 0 (pure student). A token rule returns a dict of (B,) tensors: `token` and the Rollout fields `beta`,
+    `behavior_logprobs` (log mu(token)), `realised_kl` (KL(mu || pi_S)) and `replaced`.
     """
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
-        beta = torch.zeros_like(log_ps[:, 0])
+        beta = torch.zeros_like(log_ps[:, 0])  # (B,)
         log_mu, kl = log_ps, torch.zeros_like(beta)
     else:
         beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
         kl = _kl(log_mu, log_ps)
-    token = _sample(log_mu, greedy, generator)
-    no_replacement = torch.zeros_like(token, dtype=torch.bool)
-    return token, beta, log_mu.gather(-1, token[:, None]).squeeze(-1), kl, no_replacement
+    token = _sample(log_mu, greedy, generator)  # (B,)
+    return dict(token=token, beta=beta, behavior_logprobs=log_mu.gather(-1, token[:, None]).squeeze(-1),
+                realised_kl=kl, replaced=torch.zeros_like(token, dtype=torch.bool))
 
 
 def skd_token_rule(top_k, teacher_temperature):
@@ -438,14 +472,15 @@ def skd_token_rule(top_k, teacher_temperature):
         log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
         top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
         in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, top, True)  # (B, V)
-        proposal = _sample(log_ps, greedy, generator)
-        fresh = _sample(log_pt_tau, greedy, generator)
+        proposal = _sample(log_ps, greedy, generator)  # (B,)
+        fresh = _sample(log_pt_tau, greedy, generator)  # (B,)
         keep = in_top.gather(-1, proposal[:, None]).squeeze(-1)  # (B,)
         token = torch.where(keep, proposal, fresh)
         log_outside = torch.logsumexp(log_ps.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)  # (B, 1)
         log_q = torch.logaddexp(log_ps.masked_fill(~in_top, -math.inf), log_outside + log_pt_tau)  # (B, V)
-        beta = torch.zeros_like(log_ps[:, 0])
-        return token, beta, log_q.gather(-1, token[:, None]).squeeze(-1), _kl(log_q, log_ps), ~keep
+        return dict(token=token, beta=torch.zeros_like(log_ps[:, 0]),
+                    behavior_logprobs=log_q.gather(-1, token[:, None]).squeeze(-1), realised_kl=_kl(log_q, log_ps),
+                    replaced=~keep)
     return rule
 
 
@@ -495,34 +530,35 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     logits, caches = zip(*(next_logits(m, input_ids, mask, None) for m in models))
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that have emitted EOS
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (E,)
-    columns = []
+    columns = {name: [] for name in ROLLOUT_COLUMNS}  # per step, one (B,) tensor for each (B, N) Rollout field
     for _ in range(max_new_tokens):
         # 2. Blend and sample: the token rule sees both models' (B, V) logits.
         student_logits, teacher_logits = logits[0], (logits[1] if use_teacher else None)
-        token, beta, log_mu, kl, replaced = token_rule(student_logits, teacher_logits, eps, greedy, generator)
+        step = token_rule(student_logits, teacher_logits, eps, greedy, generator)
+        token = step.pop("token")  # (B,)
         if use_teacher:
             log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (B, V)
-            teacher_logprob = log_pt.gather(-1, token[:, None]).squeeze(-1)
-            teacher_entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
+            step["teacher_logprobs"] = log_pt.gather(-1, token[:, None]).squeeze(-1)
+            step["teacher_entropy"] = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
         else:
-            teacher_logprob = teacher_entropy = torch.full_like(beta, math.nan)
+            step["teacher_logprobs"] = step["teacher_entropy"] = torch.full_like(step["beta"], math.nan)
         if eos_ids:
             token = token.masked_fill(done, pad_token_id)
-        columns.append((token, ~done, beta, log_mu, teacher_logprob, kl, teacher_entropy, replaced))
+        step.update(tokens=token, completion_mask=~done)
+        for name in ROLLOUT_COLUMNS:
+            columns[name].append(step[name])
         if eos_ids:
             done = done | torch.isin(token, eos)
-        if len(columns) == max_new_tokens or all_finished(done):
+        if len(columns["tokens"]) == max_new_tokens or all_finished(done):
             break
         # 3. Feed the token to both caches.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         logits, caches = zip(*(next_logits(m, token[:, None], mask, c) for m, c in zip(models, caches)))
-    # 4. Stack the per-step columns into (B, N) tensors.
-    fields = [torch.stack(c, dim=1) for c in zip(*columns)] if columns else \
-        [torch.empty(B, 0, device=device)] * 8
-    tokens, completion_mask, beta, log_mu, teacher_logprob, kl, teacher_entropy, replaced = fields
-    return Rollout(sequences=torch.cat([input_ids, tokens.long()], dim=1), completion_mask=completion_mask.bool(),
-                   beta=beta, behavior_logprobs=log_mu, teacher_logprobs=teacher_logprob, realised_kl=kl,
-                   teacher_entropy=teacher_entropy, replaced=replaced.bool())
+    # 4. Stack each column into a (B, N) tensor (N = 0: an empty one of the field's dtype).
+    fields = {name: torch.stack(column, dim=1) if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
+                                                                          device=device)
+              for name, column in columns.items()}
+    return Rollout(sequences=torch.cat([input_ids, fields.pop("tokens")], dim=1), **fields)
 
 
 # -----------------------------------------------------------------------------

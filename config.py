@@ -1,0 +1,229 @@
+"""
+The configuration that train_small.py and train_fsdp.py share. config.yaml holds every value; the Config dataclass
+below holds every key once, with its type, its range check and the one-line meaning that config.yaml repeats as the
+key's comment (tests/test_config.py checks that the two agree, key by key and in order).
+
+    python train_small.py --help                  # every key with its type and meaning
+    python train_small.py --config=my.yaml --lr=1e-5
+
+A bad file, key or value stops the run with one line that names it (`die`), never a traceback.
+"""
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import trb
+
+DEFAULT_PATH = Path(__file__).with_name("config.yaml")
+
+
+def die(message):
+    """Stop with one line on stderr and exit code 2 (config and input errors: no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# Range checks: (predicate, what the error message asks for).
+def at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+POLICY = one_of(*trb.BEHAVIOR_POLICIES)
+POLICIES = ((lambda v: all(m in trb.BEHAVIOR_POLICIES for m in v.split(",") if m)),
+            "comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
+SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separated integers"
+PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
+EXISTING_IF_PATH = ((lambda v: v == "synthetic" or not _looks_local(v) or os.path.exists(os.path.expanduser(v))),
+                    "an existing path (or a hub name, or synthetic)")
+
+
+def _looks_local(name):
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def key(meaning, check=None):
+    """A config key: its one-line meaning (config.yaml's comment for it) and its range check, if any."""
+    return dataclasses.field(metadata={"meaning": meaning, "check": check})
+
+
+@dataclass
+class Config:
+    # Behavior policy (trb.behavior) and its budget
+    method: str = key("behavior policy for rollouts: opd, trb, fixed_eps, skd, temperature_warmup, teacher", POLICY)
+    eps0: float = key("E5: initial per-token KL budget KL(mu || pi_S) (paper's 1.7B run: 0.02)", at_least(0))
+    warmup_steps: int = key("E5: K, steps over which eps anneals linearly to 0 (also SKD / temperature warmup length)",
+                            at_least(1))
+    temperature: float = key("rollout sampling temperature (0 = greedy), paper: 1.0", at_least(0))
+    skd_top_k: int = key("SKD: a student token outside the teacher's top-k is replaced (paper: 15-50 of 151k tokens; "
+                         "18 here)", at_least(1))
+    skd_temperature: float = key("SKD: temperature of the replacing teacher sample", above(0))
+    tau0: float = key("temperature_warmup: start temperature, annealed to `temperature` over warmup_steps", above(0))
+    # Distillation loop
+    max_steps: int = key("optimisation steps (one update per batch of rollouts)", at_least(0))
+    batch_size: int = key("prompts per step", at_least(1))
+    rollouts_per_prompt: int = key("rollouts sampled per prompt (paper: 4)", at_least(1))
+    max_new_tokens: int = key("completion length limit for rollouts and evaluation", at_least(1))
+    rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
+                                  "step (of a rank, under FSDP)", at_least(0))
+    micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "
+                                "(of a rank, under FSDP)", at_least(0))
+    lr: float = key("AdamW peak lr (paper 1e-5 at 1.7B; picked for vanilla OPD here from {5e-4, 1e-3, 3e-3})",
+                    above(0))
+    lr_warmup_steps: int = key("cosine lr warmup, constant afterwards (paper: 15)", at_least(0))
+    adam_beta1: float = key("AdamW beta1 (paper)", PROBABILITY_MOMENT)
+    adam_beta2: float = key("AdamW beta2 (paper)", PROBABILITY_MOMENT)
+    weight_decay: float = key("AdamW weight decay (paper)", at_least(0))
+    grad_clip: float = key("gradient-norm clip (paper)", above(0))
+    chunked_loss: bool = key("true: trb.chunked_opd_loss from hidden states (large vocabularies), false: trb.opd_loss")
+    loss_chunk_size: int = key("tokens per chunk of chunked_opd_loss", at_least(1))
+    loss_topk: int = key("0 = exact full-vocabulary KL; k > 0 = the paper's student top-k estimate", at_least(0))
+    # Evaluation
+    eval_every: int = key("evaluate every this many steps (also before training and at the end; 0 = only those)",
+                          at_least(0))
+    eval_size: int = key("held-out problems", at_least(1))
+    eval_samples: int = key("n samples per problem for pass@1 = c/n", at_least(1))
+    eval_temperature: float = key("sampling temperature of pass@1 (paper: 1.0); greedy accuracy is also reported",
+                                  above(0))
+    eval_batch_size: int = key("sequences per evaluation rollout batch", at_least(1))
+    # Run bookkeeping
+    seed: int = key("student init, data order and rollout sampling")
+    out_dir: str = key("metrics.jsonl, summary.json, checkpoints/, student/ (and comparison.* with compare)")
+    checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
+    resume: bool = key("true: continue from the last complete checkpoint in out_dir")
+    compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
+                       POLICIES)
+    seeds: str = key("seeds used by compare", SEED_LIST)
+    # Models and data ("synthetic" = the embedded offline task; otherwise hub names or local folders)
+    student: str = key("student model", EXISTING_IF_PATH)
+    teacher: str = key("teacher model (must share the student's tokenizer)", EXISTING_IF_PATH)
+    dataset: str = key("dataset: hub name, save_to_disk folder or a .json/.jsonl file", EXISTING_IF_PATH)
+    dataset_config: str = key("dataset configuration name (e.g. \"main\" for openai/gsm8k)")
+    train_split: str = key("split with the training prompts")
+    eval_split: str = key("held-out split")
+    question_field: str = key("dataset field with the problem")
+    answer_field: str = key("dataset field with the answer (\"#### n\", \\boxed{n} or the bare answer)")
+    system_prompt: str = key("real data only (paper)")
+    num_threads: int = key("torch CPU threads (0 = torch default); >1 on a busy 2-core CPU can be ~10x slower",
+                           at_least(0))
+    dtype: str = key("auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", one_of("auto", "float32", "bfloat16"))
+    trust_remote_code: bool = key("passed to from_pretrained; only enable for models you trust")
+    # Embedded synthetic task and its models (ignored for real models)
+    cache_dir: str = key("trained teacher and per-seed student inits are cached here")
+    data_seed: int = key("generates the synthetic dataset and initialises the teacher")
+    task_digits: int = key("operands have 1..task_digits digits", ((lambda v: 1 <= v <= 9), "in [1, 9]"))
+    train_size: int = key("synthetic training problems", at_least(1))
+    teacher_layers: int = key("teacher depth", at_least(1))
+    teacher_hidden: int = key("teacher width", at_least(32))
+    teacher_sft_steps: int = key("teacher SFT steps", at_least(0))
+    teacher_sft_lr: float = key("teacher SFT peak lr (cosine decay)", above(0))
+    student_layers: int = key("student depth", at_least(1))
+    student_hidden: int = key("student width", at_least(32))
+    student_sft_examples: int = key("distinct worked solutions the student sees before distillation", at_least(1))
+    student_sft_steps: int = key("SFT steps of the student init (learns the format, not yet the arithmetic)",
+                                 at_least(0))
+    student_sft_lr: float = key("student SFT peak lr", above(0))
+    sft_batch_size: int = key("SFT batch size (teacher and student init)", at_least(1))
+    # train_fsdp.py only (train_small.py ignores it)
+    teacher_sharding: str = key("replicate: a full teacher per GPU; shard: FSDP-sharded, gathered only while it runs",
+                                one_of("replicate", "shard"))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def read_yaml(path):
+    """The top-level mapping of a YAML file; a missing, unreadable, malformed, empty or non-mapping file stops the run
+    with one line naming the file (and, for a syntax error, the line and column)."""
+    if not os.path.isfile(path):
+        die(f"config: {str(path)!r} is not a file" if os.path.exists(path) else f"config: {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as error:
+        die(f"config: cannot read {path}: {error.strerror}")
+    except UnicodeDecodeError:
+        die(f"config: {path} is not UTF-8 text")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        die(f"config: {path}:{where} invalid YAML: {problem}")
+    if values is None:
+        die(f"config: {path} is empty (expected one `key: value` line per config key)")
+    if not isinstance(values, dict):
+        die(f"config: {path} must be a mapping of `key: value` lines, not a YAML {type(values).__name__}")
+    return values
+
+
+def parse_value(name, raw, kind):
+    """A --key=value string as the key's type, or stop with a message naming the key."""
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError
+            return raw.lower() == "true"
+        return kind(raw)
+    except ValueError:
+        die(f"{name}: expected {kind.__name__}, got {raw!r}")
+
+
+def checked(name, value):
+    """The value of key `name`, type- and range-checked (ints are accepted for floats, null for strings)."""
+    kind, check = FIELDS[name].type, FIELDS[name].metadata["check"]
+    if kind is float and type(value) is int:
+        value = float(value)
+    if value is None and kind is str:
+        value = ""
+    if type(value) is not kind:
+        die(f"{name}: expected {kind.__name__}, got {value!r}")
+    if check is not None and not check[0](value):
+        die(f"{name}: must be {check[1]}, got {value!r}")
+    return value
+
+
+def usage():
+    lines = ["usage: python train_small.py [--config=PATH] [--key=value ...]   (the same for train_fsdp.py)", ""]
+    lines += [f"  --{name}={f.type.__name__:6s} {f.metadata['meaning']}" for name, f in FIELDS.items()]
+    return "\n".join(lines)
+
+
+def load_config(argv):
+    """config.yaml (or --config=PATH), then --key=value overrides; every value type- and range-checked."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage())
+        sys.exit(0)
+    args = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"arguments must look like --key=value, got {arg!r}")
+        name, raw = arg[2:].split("=", 1)
+        args[name] = raw
+    path = args.pop("config", str(DEFAULT_PATH))
+    values = read_yaml(path)
+    for name in list(values) + list(args):
+        if name not in FIELDS:
+            die(f"{name}: unknown config key")
+    for name, f in FIELDS.items():
+        if name in args:
+            values[name] = parse_value(name, args[name], f.type)
+        elif name not in values:
+            die(f"{name}: missing from {path}")
+        values[name] = checked(name, values[name])
+    cfg = Config(**values)
+    synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
+    if synthetic and len(synthetic) < 3:
+        die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
+    return cfg

@@ -1,0 +1,103 @@
+"""config.py: config.yaml agrees with the Config dataclass, and every bad file, key or value stops with one line."""
+import re
+from pathlib import Path
+
+import pytest
+
+import config
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_LINE = re.compile(r"^(\w+):\s*(.*?)\s+#\s(.*)$")  # key: value  # meaning
+
+
+def yaml_key_lines():
+    """(key, comment) for every `key: value  # comment` line of config.yaml, in file order."""
+    lines = (ROOT / "config.yaml").read_text().splitlines()
+    return [KEY_LINE.match(line).group(1, 3) for line in lines if line and not line.startswith("#")]
+
+
+def test_config_yaml_and_dataclass_agree():
+    """config.yaml has exactly the dataclass's keys in its order, each commented with the field's meaning, and loads."""
+    found = yaml_key_lines()
+    assert [name for name, _ in found] == list(config.FIELDS)
+    for name, comment in found:
+        assert comment == config.FIELDS[name].metadata["meaning"], name
+    cfg = config.load_config([])
+    assert isinstance(cfg, config.Config)
+
+
+def error_line(capsys, argv):
+    """load_config(argv) must stop with exit code 2 and exactly one stderr line; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        config.load_config(argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--eps0=-0.1"], "eps0"),
+    (["--temperature=-1"], "temperature"),
+    (["--method=nope"], "method"),
+    (["--compare=opd,nope"], "compare"),
+    (["--seeds=0,x"], "seeds"),
+    (["--batch_size=0"], "batch_size"),
+    (["--micro_batch_size=-1"], "micro_batch_size"),
+    (["--max_steps=ten"], "max_steps"),
+    (["--resume=maybe"], "resume"),
+    (["--dtype=float16"], "dtype"),
+    (["--learning_rate=0.1"], "learning_rate"),
+    (["--student=/does/not/exist"], "student"),
+    (["--teacher=./no_such_teacher"], "teacher"),
+    (["--dataset=/no/such/data.jsonl"], "dataset"),
+    (["--student=./tests"], "student"),  # a path that exists, but 'synthetic' teacher and dataset cannot pair with it
+    (["--config=/no/such/config.yaml"], "config"),
+    (["lr=0.1"], "--key=value"),
+])
+def test_bad_override_is_one_line_naming_the_key(capsys, args, key):
+    """A bad key or value stops with one line that names the key."""
+    assert key in error_line(capsys, args)
+
+
+def test_bad_values_in_the_file_name_the_key(capsys, tmp_path):
+    """config.yaml with a wrong type, an unknown key or a missing key is rejected with the key's name."""
+    text = (ROOT / "config.yaml").read_text()
+    for old, new, key in (("eps0: 0.02", "eps0: high", "eps0"), ("seed: 0", "seed: 0\nextra_key: 1", "extra_key"),
+                          ("seed: 0 ", "# seed: 0 ", "seed")):
+        assert old in text
+        (tmp_path / "bad.yaml").write_text(text.replace(old, new, 1))
+        assert key in error_line(capsys, [f"--config={tmp_path / 'bad.yaml'}"])
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("method: trb\neps0: [0.02\nseed: 0\n", r"bad\.yaml: line \d+, column \d+: invalid YAML"),
+    ("method: trb\n  eps0: 0.02\n", r"bad\.yaml: line 2, column 7: invalid YAML"),
+    ("", r"bad\.yaml is empty"),
+    ("# only a comment\n", r"bad\.yaml is empty"),
+    ("- method: trb\n- eps0: 0.02\n", r"bad\.yaml must be a mapping .* not a YAML list"),
+    ("just some words\n", r"bad\.yaml must be a mapping .* not a YAML str"),
+])
+def test_malformed_file_is_one_line_naming_file_and_position(capsys, tmp_path, content, expected):
+    """A malformed, empty or non-mapping YAML file stops with one line naming the file (and the error's line and
+    column, counted from 1)."""
+    (tmp_path / "bad.yaml").write_text(content)
+    line = error_line(capsys, [f"--config={tmp_path / 'bad.yaml'}"])
+    assert line.startswith("error: config: ") and re.search(expected, line), line
+
+
+def test_unreadable_file_is_one_line(capsys, tmp_path):
+    """A folder or a file that is not UTF-8 text given as --config stops with one line naming it."""
+    assert "is not a file" in error_line(capsys, [f"--config={tmp_path}"])
+    (tmp_path / "binary.yaml").write_bytes(b"method: \xff\xfe trb\n")
+    assert "binary.yaml is not UTF-8 text" in error_line(capsys, [f"--config={tmp_path / 'binary.yaml'}"])
+
+
+def test_help_lists_every_key(capsys):
+    """--help prints every key with its type and meaning, and exits 0."""
+    with pytest.raises(SystemExit) as stop:
+        config.load_config(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for name, f in config.FIELDS.items():
+        assert f"--{name}=" in out and f.metadata["meaning"] in out

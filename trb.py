@@ -18,7 +18,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -384,6 +384,21 @@ class Rollout:
     realised_kl: torch.Tensor  # (B, N) KL(mu* || pi_S) at each prefix
     teacher_entropy: torch.Tensor  # (B, N) H(pi_T) at each visited prefix (NaN: teacher not run)
     replaced: torch.Tensor  # (B, N) bool, SKD: the student's token was replaced by a teacher sample
+
+    @staticmethod
+    def cat(parts, pad_token_id=None):
+        """Rollouts of different rows as one: each part's N columns right-padded to the longest part (with
+        pad_token_id in sequences, zeros elsewhere), all outside completion_mask."""
+        if len(parts) == 1:
+            return parts[0]
+        width = max(part.completion_mask.shape[1] for part in parts)
+
+        def padded(part, name):
+            x = getattr(part, name)
+            value = (pad_token_id or 0) if name == "sequences" else 0
+            return torch.nn.functional.pad(x, (0, width - part.completion_mask.shape[1]), value=value)
+
+        return Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(Rollout)})
 
     def stats(self):
         """Means over completion tokens of the diagnostics the training loop logs (PAPER.md section 7)."""

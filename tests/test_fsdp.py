@@ -85,16 +85,32 @@ def runs(tmp_path_factory):
 
 
 def test_fsdp_reproduces_single_process_losses_and_weights(runs):
-    """5 greedy steps on 2 ranks give train_small.py's per-step loss and final weights within 1e-4 relative."""
+    """
+    5 greedy steps on 2 ranks give train_small.py's per-step loss and final weights within 1e-4 relative. Gradients
+    reduced over ranks sum in another order, so weights differ by ~1e-6; greedy rollouts from them visit the same
+    tokens (equal token counts) unless two logits tie that closely, which would show as a loss mismatch too. Held-out
+    greedy accuracy may then differ by at most one problem of the 6.
+    """
     small, fsdp = metrics(runs / "small"), metrics(runs / "fsdp")
     assert [r["step"] for r in fsdp] == [r["step"] for r in small] == [0, 1, 2, 3, 4, 5]
     for a, b in zip(small[1:], fsdp[1:]):
         assert a["completion_tokens"] == b["completion_tokens"]  # the same global token count normalises the loss
         assert abs(a["loss"] - b["loss"]) <= RELATIVE * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RELATIVE * a["grad_norm"]
-        assert a["eps"] == b["eps"] and abs(a["beta"] - b["beta"]) <= 1e-6
-    assert small[-1]["greedy"] == fsdp[-1]["greedy"]
+        assert a["eps"] == b["eps"] and abs(a["beta"] - b["beta"]) <= 1e-6  # eps: the same kl_budget arithmetic
+    assert abs(small[-1]["greedy"] - fsdp[-1]["greedy"]) <= 1 / 6 + 1e-9
     assert max_relative(weights(runs / "small"), weights(runs / "fsdp")) <= RELATIVE
+
+
+def test_fsdp_rollout_and_micro_batching_leave_the_step_unchanged(runs):
+    """Under FSDP at temperature 0, all of a rank's rows in one rollout call and one micro-batch (teacher replicated)
+    give the per-step loss and final weights of 1-row calls and micro-batches (teacher sharded) within 1e-5."""
+    run(fsdp_command(runs / "fsdp_full_batch", runs / "cache", "--checkpoint_every=0", "--rollout_batch_size=0",
+                     "--micro_batch_size=0", "--teacher_sharding=replicate"))
+    for a, b in zip(metrics(runs / "fsdp")[1:], metrics(runs / "fsdp_full_batch")[1:], strict=True):
+        assert a["completion_tokens"] == b["completion_tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    assert max_relative(weights(runs / "fsdp"), weights(runs / "fsdp_full_batch")) <= 1e-5
 
 
 def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
@@ -120,7 +136,11 @@ def test_exported_student_loads_with_from_pretrained(runs):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(runs):
-    """SIGKILL after a DCP checkpoint, resume at 2 ranks (and at 1): the same metrics and weights as no interruption."""
+    """
+    SIGKILL after a DCP checkpoint, with a half-written last metrics line; resume at 2 ranks: the same metrics and
+    weights as no interruption, bitwise (the same ops in the same order on this machine, RNG states restored); at 1
+    rank: weights within 1e-4 (the reduction over ranks changes order).
+    """
     out = runs / "killed"
     with open(runs / "killed.log", "w") as log:
         process = subprocess.Popen(fsdp_command(out, runs / "cache", "--checkpoint_every=2"), cwd=ROOT, env=ENV,
@@ -131,6 +151,8 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
         kill_tree(process.pid)  # both ranks and torchrun, wherever they are
         process.wait()
     assert list(out.glob("checkpoints/step_*")), (runs / "killed.log").read_text()[-3000:]
+    with open(out / "metrics.jsonl", "a") as log:  # as left by a kill in the middle of a write
+        log.write('{"step": 4, "loss": 0.1')
     shutil.copytree(out, runs / "killed_one_rank")
     run(fsdp_command(out, runs / "cache", "--checkpoint_every=2", "--resume=true"))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]

@@ -1,0 +1,76 @@
+"""
+Run bookkeeping that survives interruption: folders written atomically, the newest complete checkpoint, the metrics
+log cut back to a checkpoint, and train_small.py's single-device checkpoint (train_fsdp.py writes sharded DCP ones).
+
+A checkpoint is <out_dir>/checkpoints/step_XXXXXX. It is written to .tmp-step_XXXXXX and renamed only when complete,
+so a run killed during a save resumes from the previous checkpoint, never from half a folder.
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def save_atomically(path, write):
+    """write(tmp) fills a temporary folder that is renamed to `path` only when complete."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(out_dir, step):
+    return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint (temporary folders of an interrupted save are ignored), or None."""
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def remove_older_checkpoints(out_dir, step):
+    for old in (Path(out_dir) / "checkpoints").glob("step_*"):
+        if old.name != f"step_{step:06d}":
+            shutil.rmtree(old)
+
+
+def read_metrics(path, upto_step):
+    """The rows of metrics.jsonl logged up to a checkpoint's step. Rows an interrupted run logged after its last save
+    are dropped (they are recomputed), and so is a half-written last line (a kill in the middle of a write)."""
+    if not Path(path).exists():
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    return [row for row in rows if row["step"] <= upto_step]
+
+
+def save_checkpoint(out_dir, step, student, optimizer, generator):
+    """Single device: the student (safetensors), AdamW's state, the step and every RNG state; older ones removed."""
+    state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "sampler_rng": generator.get_state()}
+    save_atomically(checkpoint_path(out_dir, step), lambda tmp: (
+        student.save_pretrained(tmp / "student"), torch.save(optimizer.state_dict(), tmp / "optimizer.pt"),
+        torch.save(state, tmp / "state.pt")))
+    remove_older_checkpoints(out_dir, step)
+
+
+def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False):
+    """Single device: restores the student's weights and AdamW's state in place, and the RNG states; returns the step
+    (the data position is a function of it)."""
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(path / "student", dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    student.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = torch.load(path / "state.pt", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    generator.set_state(state["sampler_rng"])
+    return state["step"]

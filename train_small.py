@@ -16,14 +16,14 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
 
 Read top-down: data and models, the hooks where train_fsdp.py differs, the training step, evaluation, the loop.
 Elsewhere: config.py (every key, its type, check and meaning), synthetic_task.py (the embedded offline task and its
-cached teacher and student), checkpoints.py (atomic checkpoints, resume), compare.py (--compare over seeds).
+cached teacher and student), math_data.py (real datasets, answer checking), checkpoints.py (atomic checkpoints,
+resume), compare.py (--compare over seeds).
 """
 import dataclasses
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import math_data
 import synthetic_task
 import trb
 from config import die, load_config
@@ -42,61 +43,8 @@ from config import die, load_config
 
 
 def load_splits(cfg):
-    """(train, held-out) datasets with the question and answer fields; real datasets from the hub or local files."""
-    if cfg.dataset == "synthetic":
-        return synthetic_task.splits(cfg)
-    import datasets
-    datasets.disable_progress_bars()  # stderr stays clean: errors below must be one line
-    name = os.path.expanduser(cfg.dataset)
-    try:
-        if any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json")):
-            data = datasets.load_from_disk(name)
-        elif os.path.isfile(name):
-            data = datasets.load_dataset("json", data_files=name)
-        else:
-            data = datasets.load_dataset(name, cfg.dataset_config or None)
-    except Exception as error:  # noqa: BLE001 - any loader failure becomes one line naming the key
-        die(f"dataset: cannot load {cfg.dataset!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
-    if isinstance(data, datasets.Dataset):
-        data = datasets.DatasetDict({cfg.train_split: data})
-    if cfg.eval_split not in data and len(data) == 1:  # a single split: hold out eval_size of its rows
-        only = next(iter(data.values()))
-        parts = only.train_test_split(test_size=min(cfg.eval_size, len(only) // 2), seed=cfg.data_seed)
-        data = datasets.DatasetDict({cfg.train_split: parts["train"], cfg.eval_split: parts["test"]})
-    for key in ("train_split", "eval_split"):
-        if getattr(cfg, key) not in data:
-            die(f"{key}: split {getattr(cfg, key)!r} not in {cfg.dataset!r} (splits: {', '.join(data)})")
-    train, held_out = data[cfg.train_split], data[cfg.eval_split]
-    for field in (cfg.question_field, cfg.answer_field):
-        if field not in train.column_names or field not in held_out.column_names:
-            die(f"dataset: no field {field!r} in {cfg.dataset!r} (columns: {', '.join(train.column_names)})")
-    names = {k: v for k, v in {cfg.question_field: "question", cfg.answer_field: "answer"}.items() if k != v}
-    rename = lambda d: d.select_columns([cfg.question_field, cfg.answer_field]).rename_columns(names)
-    return rename(train), rename(held_out).select(range(min(cfg.eval_size, len(held_out))))
-
-
-def extract_answer(text):
-    """Final answer of a solution: the last \\boxed{...} (braces matched), else the last '#### n', else None."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return normalize_answer(text[i:j])
-        return None
-    found = re.findall(r"####\s*([^\n]*)", text)
-    return normalize_answer(found[-1]) if found else None
-
-
-def normalize_answer(answer):
-    return answer.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-
-
-def reference_answer(answer):
-    """Ground truth from a dataset answer: '#### n' or \\boxed{} when present, else the whole string."""
-    extracted = extract_answer(answer)
-    return extracted if extracted is not None else normalize_answer(answer)
+    """(train, held-out) datasets with "question" and "answer" fields: the embedded task's, or a real dataset's."""
+    return synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else math_data.load_splits(cfg)
 
 
 def format_prompt(question, tokenizer, cfg):
@@ -136,6 +84,8 @@ def device_and_dtype(cfg):
     if cfg.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, cfg.dtype)
+
+
 def load_pretrained(key, name, cfg, dtype):
     """A hub name or local folder as a causal LM; any loading failure is one line naming the key."""
     from transformers import AutoModelForCausalLM
@@ -198,6 +148,7 @@ def stop_token_ids(tokenizer, *models):
 
 
 class SingleDevice:
+    """train_small.py's hooks: one process, all rows, nothing to gather or reduce."""
     rank, world = 0, 1
 
     @property
@@ -259,6 +210,8 @@ def lr_at(step, cfg):
 def make_optimizer(student, cfg):
     return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.weight_decay)
+
+
 def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, **kwargs):
     """
     trb.blended_generate over (B, P) prompts, `rows_per_call` rows per call (0 = all at once; it bounds the two KV
@@ -381,7 +334,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     model.eval()
     share = held_out.select(range(len(held_out))[runtime.share(len(held_out))])
     questions = [format_prompt(q, tokenizer, cfg) for q in share["question"]]
-    answers = [reference_answer(a) for a in share["answer"]]
+    answers = [math_data.reference_answer(a) for a in share["answer"]]
     correct = {}
     with runtime.gathered(model):
         for name, n, temperature in (("pass@1", cfg.eval_samples, cfg.eval_temperature), ("greedy", 1, 0.0)):
@@ -396,7 +349,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
                                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                    generator=generator, vocab_size=len(tokenizer))
                 texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
-                correct[name] += sum(extract_answer(t) == answers[i + j // n] for j, t in enumerate(texts))
+                correct[name] += sum(math_data.extract_answer(t) == answers[i + j // n] for j, t in enumerate(texts))
     model.train(was_training)
     pass_correct, greedy_correct = runtime.sum([correct["pass@1"], correct["greedy"]])
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}

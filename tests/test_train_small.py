@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
+import math_data  # noqa: E402
 import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
 
@@ -190,15 +191,15 @@ def test_char_tokenizer_survives_save_and_load(tmp_path):
 
 def test_answer_extraction_and_synthetic_solutions():
     """Answers come from the last \\boxed{} or '#### n'; every synthetic worked solution checks as its own sum."""
-    assert train_small.extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{1,234}") == "1234"
-    assert train_small.extract_answer("x\n#### 72\n") == "72" and train_small.extract_answer("no answer") is None
-    assert train_small.reference_answer("17") == "17"
+    assert math_data.extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{1,234}") == "1234"
+    assert math_data.extract_answer("x\n#### 72\n") == "72" and math_data.extract_answer("no answer") is None
+    assert math_data.reference_answer("17") == "17"
     import random
     rng = random.Random(0)
     for _ in range(200):
         row = synthetic_task.make_problem(rng, 4)
         a, b = map(int, row["question"][:-1].split("+"))
-        assert train_small.extract_answer(row["answer"]) == str(a + b)
+        assert math_data.extract_answer(row["answer"]) == str(a + b)
 
 
 def test_rollout_and_micro_batching_leave_the_step_unchanged(cache_dir, tmp_path):

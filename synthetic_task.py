@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import trb
 from checkpoints import save_atomically
+from config import die
 
 
 def make_problem(rng, max_digits):
@@ -43,6 +44,10 @@ def make_problem(rng, max_digits):
 def splits(cfg):
     """Seeded train and held-out splits as datasets.Dataset, held-out questions disjoint from train."""
     from datasets import Dataset
+    possible = (10 ** cfg.task_digits - 1) ** 2  # distinct questions: a, b in [1, 10^task_digits)
+    if cfg.train_size + cfg.eval_size > possible:
+        die(f"train_size: {cfg.train_size} training + {cfg.eval_size} held-out problems exceed the {possible} distinct "
+            f"ones of task_digits={cfg.task_digits}")
     rng, seen, rows = random.Random(cfg.data_seed), set(), []
     while len(rows) < cfg.train_size + cfg.eval_size:
         row = make_problem(rng, cfg.task_digits)

@@ -101,3 +101,13 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for name, f in config.FIELDS.items():
         assert f"--{name}=" in out and f.metadata["meaning"] in out
+
+
+def test_synthetic_task_larger_than_its_problem_space_is_refused(capsys):
+    """More synthetic problems than task_digits allows stops with one line naming train_size (it would never end)."""
+    import synthetic_task
+    cfg = config.load_config(["--task_digits=1", "--train_size=80", "--eval_size=2"])  # 81 distinct problems
+    with pytest.raises(SystemExit):
+        synthetic_task.splits(cfg)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "train_size" in lines[0] and "81" in lines[0], lines

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import relative_weight_error
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +20,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
        "TOKENIZERS_PARALLELISM": "false"}
 
 # Greedy rollouts (temperature 0) so both scripts visit the same tokens; 2 prompts x 2 rollouts = 2 rows per rank;
-# a TRB warmup (eps > 0 for 3 steps, then vanilla OPD) so the teacher decodes online too.
+# a TRB warmup (eps > 0 for 3 steps, then vanilla OPD) so the teacher decodes online too; a teacher trained enough
+# to end answers with EOS, so rows (and ranks) have different token counts.
 TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
-        "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=4", "--student_layers=2",
+        "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=300", "--student_layers=2",
         "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8", "--sft_batch_size=8",
-        "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=12", "--max_steps=5", "--eval_every=0",
+        "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=32", "--max_steps=5", "--eval_every=0",
         "--method=trb", "--warmup_steps=3", "--eps0=0.5", "--temperature=0", "--lr_warmup_steps=1"]
 FSDP_ONLY = ["--teacher_sharding=shard", "--rollout_batch_size=1", "--micro_batch_size=1"]  # 2 of each per rank
 RELATIVE = 1e-4
@@ -67,12 +69,6 @@ def weights(out_dir):
     return load_file(Path(out_dir) / "student" / "model.safetensors")
 
 
-def max_relative(a, b):
-    """Largest |a - b| / max|a| over the tensors of two state dicts."""
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()) for k in a)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """train_small.py and train_fsdp.py (2 ranks), 5 identical greedy steps each; the FSDP run checkpoints every
@@ -99,7 +95,7 @@ def test_fsdp_reproduces_single_process_losses_and_weights(runs):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RELATIVE * a["grad_norm"]
         assert a["eps"] == b["eps"] and abs(a["beta"] - b["beta"]) <= 1e-6  # eps: the same kl_budget arithmetic
     assert abs(small[-1]["greedy"] - fsdp[-1]["greedy"]) <= 1 / 6 + 1e-9
-    assert max_relative(weights(runs / "small"), weights(runs / "fsdp")) <= RELATIVE
+    assert relative_weight_error(weights(runs / "small"), weights(runs / "fsdp")) <= RELATIVE
 
 
 def test_fsdp_rollout_and_micro_batching_leave_the_step_unchanged(runs):
@@ -107,10 +103,13 @@ def test_fsdp_rollout_and_micro_batching_leave_the_step_unchanged(runs):
     give the per-step loss and final weights of 1-row calls and micro-batches (teacher sharded) within 1e-5."""
     run(fsdp_command(runs / "fsdp_full_batch", runs / "cache", "--checkpoint_every=0", "--rollout_batch_size=0",
                      "--micro_batch_size=0", "--teacher_sharding=replicate"))
-    for a, b in zip(metrics(runs / "fsdp")[1:], metrics(runs / "fsdp_full_batch")[1:], strict=True):
+    rows = metrics(runs / "fsdp")[1:]
+    assert any(row["completion_tokens"] < 4 * 32 for row in rows)  # rows of different lengths
+    for a, b in zip(rows, metrics(runs / "fsdp_full_batch")[1:], strict=True):
         assert a["completion_tokens"] == b["completion_tokens"]
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-    assert max_relative(weights(runs / "fsdp"), weights(runs / "fsdp_full_batch")) <= 1e-5
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
+    assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "fsdp_full_batch")) <= 1e-5
 
 
 def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
@@ -120,7 +119,7 @@ def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
     run(fsdp_command(runs / "fsdp_chunked", runs / "cache", *extra, "--teacher_sharding=replicate"))
     for a, b in zip(metrics(runs / "small_chunked")[1:], metrics(runs / "fsdp_chunked")[1:], strict=True):
         assert abs(a["loss"] - b["loss"]) <= RELATIVE * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-    assert max_relative(weights(runs / "small_chunked"), weights(runs / "fsdp_chunked")) <= RELATIVE
+    assert relative_weight_error(weights(runs / "small_chunked"), weights(runs / "fsdp_chunked")) <= RELATIVE
 
 
 def test_exported_student_loads_with_from_pretrained(runs):
@@ -139,7 +138,7 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
     """
     SIGKILL after a DCP checkpoint, with a half-written last metrics line; resume at 2 ranks: the same metrics and
     weights as no interruption, bitwise (the same ops in the same order on this machine, RNG states restored); at 1
-    rank: weights within 1e-4 (the reduction over ranks changes order).
+    rank: weights within 1e-4 relative (the reduction over ranks changes order).
     """
     out = runs / "killed"
     with open(runs / "killed.log", "w") as log:
@@ -157,10 +156,10 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
     run(fsdp_command(out, runs / "cache", "--checkpoint_every=2", "--resume=true"))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
     assert strip(metrics(out)) == strip(metrics(runs / "fsdp"))
-    assert max_relative(weights(runs / "fsdp"), weights(out)) == 0.0
+    assert relative_weight_error(weights(runs / "fsdp"), weights(out)) == 0.0
     # DCP reshards the student and AdamW state for another world size (the sampler RNG restarts; greedy here).
     run(fsdp_command(runs / "killed_one_rank", runs / "cache", "--checkpoint_every=2", "--resume=true", nproc=1))
-    assert max_relative(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
+    assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
 
 
 def test_rollout_all_gathers_do_not_grow_with_new_tokens():

@@ -60,7 +60,8 @@ def bench_solve(args):
     for row in rows:
         print(f"  eps={row['eps']:<6} solve_beta = {row['ratio']:5.1f}x log_softmax  runs {row['ratios']}  "
               f"mean beta {row['mean_beta']:.4f}  max |KL-eps|/eps {row['max_rel_kl_error']:.1e}")
-    print(f"  for scale: trb.solve_beta_bisect (the paper's bisection), 40 steps, float32 = {t_bisect / t_ref:.0f}x log_softmax")
+    print(f"  for scale: trb.solve_beta_bisect (the paper's bisection), 40 steps, float32 = "
+          f"{t_bisect / t_ref:.0f}x log_softmax")
     return rows
 
 

@@ -279,7 +279,9 @@ def _topk_reverse_kl(student_logits, teacher_logits, topk):
 
 
 def _per_position_kl(student_logits, teacher_logits, topk):
-    return reverse_kl(student_logits, teacher_logits) if topk == 0 else _topk_reverse_kl(student_logits, teacher_logits, topk)
+    if topk == 0:
+        return reverse_kl(student_logits, teacher_logits)
+    return _topk_reverse_kl(student_logits, teacher_logits, topk)
 
 
 def _check_loss_args(mask, topk):

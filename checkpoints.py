@@ -51,6 +51,13 @@ def read_metrics(path, upto_step):
     return [row for row in rows if row["step"] <= upto_step]
 
 
+def rewrite_metrics(path, rows):
+    """metrics.jsonl replaced by `rows` in one rename: a kill at any moment leaves the old log or the new one."""
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
 def save_checkpoint(out_dir, step, student, optimizer, generator):
     """Single device: the student (safetensors), AdamW's state, the step and every RNG state; older ones removed."""
     state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),

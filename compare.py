@@ -24,7 +24,7 @@ def compare(cfg, train):
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
 
     def run(method, seed):  # with --resume=true, finished runs are read back and interrupted ones continue
-        out_dir = f"{cfg.out_dir}/{method}_seed{seed}"
+        out_dir = str(Path(cfg.out_dir) / f"{method}_seed{seed}")
         run_cfg = dataclasses.replace(cfg, method=method, seed=seed, compare="", out_dir=out_dir)
         if cfg.resume and (Path(run_cfg.out_dir) / "summary.json").exists():
             return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]

@@ -9,6 +9,7 @@ key's comment (tests/test_config.py checks that the two agree, key by key and in
 A bad file, key or value stops the run with one line that names it (`die`), never a traceback.
 """
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -42,10 +43,11 @@ def one_of(*choices):
 
 
 POLICY = one_of(*trb.BEHAVIOR_POLICIES)
-POLICIES = ((lambda v: all(m in trb.BEHAVIOR_POLICIES for m in v.split(",") if m)),
-            "comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
+POLICIES = ((lambda v: v == "" or all(m in trb.BEHAVIOR_POLICIES for m in v.split(","))),
+            "empty or comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
 SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separated integers"
 PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
+NON_EMPTY = (lambda v: v != ""), "a non-empty path"
 EXISTING_IF_PATH = ((lambda v: v == "synthetic" or not _looks_local(v) or os.path.exists(os.path.expanduser(v))),
                     "an existing path (or a hub name, or synthetic)")
 
@@ -99,8 +101,9 @@ class Config:
                                   above(0))
     eval_batch_size: int = key("sequences per evaluation rollout batch", at_least(1))
     # Run bookkeeping
-    seed: int = key("student init, data order and rollout sampling")
-    out_dir: str = key("metrics.jsonl, summary.json, checkpoints/, student/ (and comparison.* with compare)")
+    seed: int = key("student init, data order and rollout sampling", at_least(0))
+    out_dir: str = key("metrics.jsonl, summary.json, checkpoints/, student/ (and comparison.* with compare)",
+                       NON_EMPTY)
     checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
     resume: bool = key("true: continue from the last complete checkpoint in out_dir")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
@@ -121,8 +124,8 @@ class Config:
     dtype: str = key("auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", one_of("auto", "float32", "bfloat16"))
     trust_remote_code: bool = key("passed to from_pretrained; only enable for models you trust")
     # Embedded synthetic task and its models (ignored for real models)
-    cache_dir: str = key("trained teacher and per-seed student inits are cached here")
-    data_seed: int = key("generates the synthetic dataset and initialises the teacher")
+    cache_dir: str = key("trained teacher and per-seed student inits are cached here", NON_EMPTY)
+    data_seed: int = key("generates the synthetic dataset and initialises the teacher", at_least(0))
     task_digits: int = key("operands have 1..task_digits digits", ((lambda v: 1 <= v <= 9), "in [1, 9]"))
     train_size: int = key("synthetic training problems", at_least(1))
     teacher_layers: int = key("teacher depth", at_least(1))
@@ -181,14 +184,21 @@ def parse_value(name, raw, kind):
 
 
 def checked(name, value):
-    """The value of key `name`, type- and range-checked (ints are accepted for floats, null for strings)."""
+    """
+    The value of key `name`, type- and range-checked. Accepted as floats: ints, and numeric strings (YAML 1.1 reads
+    `1e-5` without a dot as a string). Floats must be finite, except eps0 (inf: the pure teacher). null is "".
+    """
     kind, check = FIELDS[name].type, FIELDS[name].metadata["check"]
     if kind is float and type(value) is int:
         value = float(value)
+    if kind is float and type(value) is str:
+        value = parse_value(name, value, float)
     if value is None and kind is str:
         value = ""
     if type(value) is not kind:
         die(f"{name}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value) and not (name == "eps0" and value == math.inf):
+        die(f"{name}: must be finite, got {value!r}")
     if check is not None and not check[0](value):
         die(f"{name}: must be {check[1]}, got {value!r}")
     return value

@@ -199,10 +199,7 @@ def main():
         torch.set_num_threads(cfg.num_threads)
     if cfg.compare:
         die("compare: run one method per torchrun launch (train_fsdp.py trains a single run)")
-    runtime = FSDP(cfg)
-    if cfg.batch_size % runtime.world:
-        die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
-    small.train(cfg, runtime)
+    small.train(cfg, FSDP(cfg))
     gc.collect()  # free FSDP's last gloo work objects while the interpreter is whole (else, rarely, SIGABRT at exit)
     dist.barrier()
     dist.destroy_process_group()

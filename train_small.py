@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -362,6 +363,8 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
 def train(cfg, runtime=None):
     """One distillation run; the main process writes metrics.jsonl, summary.json and the final student to out_dir."""
     runtime = runtime or SingleDevice()
+    if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
+        die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     started = time.time()
     out = Path(cfg.out_dir)
     random.seed(cfg.seed)
@@ -378,12 +381,16 @@ def train(cfg, runtime=None):
         start = runtime.load_checkpoint(checkpoint, student, optimizer, generator, cfg)
         if runtime.is_main:
             print(f"resumed from {checkpoint}")
-    # On resume: the rows logged up to the checkpoint (later ones, and a half-written last line, are dropped).
-    history = checkpoints.read_metrics(out / "metrics.jsonl", start) if checkpoint is not None else []
-    evaluate_at = lambda step: evaluate(student, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+    history = []  # on resume: the rows logged up to the checkpoint (later ones and a half-written line are dropped)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "w") if runtime.is_main else nullcontext() as log:
+        if checkpoint is None:  # a fresh run: an earlier run's checkpoints here must never be resumed into it
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        else:
+            history = checkpoints.read_metrics(out / "metrics.jsonl", start)
+        checkpoints.rewrite_metrics(out / "metrics.jsonl", history)
+    evaluate_at = lambda step: evaluate(student, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+    with open(out / "metrics.jsonl", "a") if runtime.is_main else nullcontext() as log:
         def record(row):
             history.append(row)
             if log is not None:
@@ -392,8 +399,6 @@ def train(cfg, runtime=None):
             if "pass@1" in row and runtime.is_main:
                 tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")
 
-        if log is not None:
-            log.writelines(json.dumps(row) + "\n" for row in history)
         if start == 0:
             record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0, **evaluate_at(0)})
         ranks = f" x{runtime.world}" if runtime.world > 1 else ""

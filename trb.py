@@ -360,7 +360,7 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     hs = student_hidden[mask]  # (n, Hs)
     ht = teacher_hidden[mask].detach()  # (n, Ht)
-    total = hs.new_zeros((), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
+    total = (hs.sum() * 0).to(_compute_dtype(hs))  # 0, with a grad_fn even when no position is masked in
     for start in range(0, hs.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk, list(eos_ids))

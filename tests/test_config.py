@@ -42,6 +42,11 @@ def error_line(capsys, argv):
     (["--method=nope"], "method"),
     (["--compare=opd,nope"], "compare"),
     (["--seeds=0,x"], "seeds"),
+    (["--compare=opd,trb,"], "compare"),
+    (["--seed=-1"], "seed"),
+    (["--out_dir="], "out_dir"),
+    (["--lr=inf"], "lr"),
+    (["--weight_decay=nan"], "weight_decay"),
     (["--batch_size=0"], "batch_size"),
     (["--micro_batch_size=-1"], "micro_batch_size"),
     (["--max_steps=ten"], "max_steps"),
@@ -91,6 +96,14 @@ def test_unreadable_file_is_one_line(capsys, tmp_path):
     assert "is not a file" in error_line(capsys, [f"--config={tmp_path}"])
     (tmp_path / "binary.yaml").write_bytes(b"method: \xff\xfe trb\n")
     assert "binary.yaml is not UTF-8 text" in error_line(capsys, [f"--config={tmp_path / 'binary.yaml'}"])
+
+
+def test_yaml_floats_without_a_dot_and_infinite_budget_load(tmp_path):
+    """`lr: 1e-5` (a string to YAML 1.1) loads as the float 1e-5; eps0 may be inf (the pure teacher), other floats not."""
+    text = (ROOT / "config.yaml").read_text().replace("lr: 0.0005", "lr: 1e-5", 1).replace("eps0: 0.02", "eps0: .inf", 1)
+    (tmp_path / "ok.yaml").write_text(text)
+    cfg = config.load_config([f"--config={tmp_path / 'ok.yaml'}"])
+    assert cfg.lr == 1e-5 and cfg.eps0 == float("inf")
 
 
 def test_help_lists_every_key(capsys):

@@ -361,3 +361,14 @@ def test_chunked_opd_loss_canonicalises_eos():
     for got, want in zip(torch.autograd.grad(chunked, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         torch.testing.assert_close(got, want, **close)
     assert not torch.allclose(chunked, trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3))
+
+
+def test_chunked_opd_loss_of_an_empty_mask_is_zero_and_differentiable():
+    """No masked-in position: the loss is exactly 0 and backward() runs (as opd_loss's does): zero gradient for the
+    hidden states, none for the head, which takes no part."""
+    hs = torch.randn(2, 3, 8, requires_grad=True)
+    ws = torch.randn(10, 8, requires_grad=True)
+    loss = trb.chunked_opd_loss(hs, ws, torch.randn(2, 3, 6), torch.randn(10, 6), torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert bool((hs.grad == 0).all()) and ws.grad is None

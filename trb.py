@@ -572,10 +572,10 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         logits, caches = zip(*(next_logits(m, token[:, None], mask, c) for m, c in zip(models, caches)))
     # 4. Stack each column into a (B, N) tensor (N = 0: an empty one of the field's dtype).
-    fields = {name: torch.stack(column, dim=1) if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
-                                                                          device=device)
-              for name, column in columns.items()}
-    return Rollout(sequences=torch.cat([input_ids, fields.pop("tokens")], dim=1), **fields)
+    stacked = {name: torch.stack(column, dim=1) if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
+                                                                           device=device)
+               for name, column in columns.items()}
+    return Rollout(sequences=torch.cat([input_ids, stacked.pop("tokens")], dim=1), **stacked)
 
 
 # -----------------------------------------------------------------------------

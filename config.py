@@ -21,6 +21,7 @@ import yaml
 import trb
 
 DEFAULT_PATH = Path(__file__).with_name("config.yaml")
+PRESETS_DIR = Path(__file__).with_name("configs")  # whole configs for real models: the paper's pairs, one GPU
 
 
 def die(message):
@@ -77,7 +78,7 @@ class Config:
     max_steps: int = key("optimisation steps (one update per batch of rollouts)", at_least(0))
     batch_size: int = key("prompts per step", at_least(1))
     rollouts_per_prompt: int = key("rollouts sampled per prompt (paper: 4)", at_least(1))
-    max_new_tokens: int = key("completion length limit for rollouts and evaluation", at_least(1))
+    max_new_tokens: int = key("completion length limit of training rollouts (paper: 7168)", at_least(1))
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))
     micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "
@@ -92,6 +93,8 @@ class Config:
     chunked_loss: bool = key("true: trb.chunked_opd_loss from hidden states (large vocabularies), false: trb.opd_loss")
     loss_chunk_size: int = key("tokens per chunk of chunked_opd_loss", at_least(1))
     loss_topk: int = key("0 = exact full-vocabulary KL; k > 0 = the paper's student top-k estimate", at_least(0))
+    activation_checkpointing: bool = key("recompute each decoder layer of the student in backward (less activation "
+                                         "memory, ~1/3 more compute)")
     # Evaluation
     eval_every: int = key("evaluate every this many steps (also before training and at the end; 0 = only those)",
                           at_least(0))
@@ -99,7 +102,14 @@ class Config:
     eval_samples: int = key("n samples per problem for pass@1 = c/n", at_least(1))
     eval_temperature: float = key("sampling temperature of pass@1 (paper: 1.0); greedy accuracy is also reported",
                                   above(0))
-    eval_batch_size: int = key("sequences per evaluation rollout batch", at_least(1))
+    eval_batch_size: int = key("rows per evaluation decode call (bounds its KV cache; per rank under FSDP)",
+                               at_least(1))
+    eval_max_new_tokens: int = key("completion length limit of evaluation (paper: 8192)", at_least(1))
+    eval_dataset: str = key("held-out dataset (hub name, folder or file); empty = the training dataset's eval_split",
+                            EXISTING_IF_PATH)
+    eval_dataset_config: str = key("configuration name of eval_dataset")
+    eval_question_field: str = key("eval_dataset's problem field (empty = question_field)")
+    eval_answer_field: str = key("eval_dataset's answer field (empty = answer_field)")
     # Run bookkeeping
     seed: int = key("student init, data order and rollout sampling", at_least(0))
     out_dir: str = key("metrics.jsonl, summary.json, checkpoints/, student/ (and comparison.* with compare)",
@@ -119,6 +129,8 @@ class Config:
     question_field: str = key("dataset field with the problem")
     answer_field: str = key("dataset field with the answer (\"#### n\", \\boxed{n} or the bare answer)")
     system_prompt: str = key("real data only (paper)")
+    enable_thinking: bool = key("Qwen3 chat template's thinking mode (on by default in the template, so in the paper's "
+                                "verl runs); ignored without a chat template")
     num_threads: int = key("torch CPU threads (0 = torch default); >1 on a busy 2-core CPU can be ~10x slower",
                            at_least(0))
     dtype: str = key("auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", one_of("auto", "float32", "bfloat16"))
@@ -139,9 +151,13 @@ class Config:
                                  at_least(0))
     student_sft_lr: float = key("student SFT peak lr", above(0))
     sft_batch_size: int = key("SFT batch size (teacher and student init)", at_least(1))
-    # train_fsdp.py only (train_small.py ignores it)
+    # train_fsdp.py only (train_small.py ignores them)
     teacher_sharding: str = key("replicate: a full teacher per GPU; shard: FSDP-sharded, gathered only while it runs",
                                 one_of("replicate", "shard"))
+    hsdp_shard_size: int = key("0 = shard over all ranks; n = HSDP: shard within groups of n ranks (a node), "
+                               "replicate across groups", at_least(0))
+    dist_timeout_minutes: float = key("timeout of every collective (NCCL's default, 10, is shorter than a checkpoint "
+                                      "download or a slow evaluation)", above(0))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -236,4 +252,8 @@ def load_config(argv):
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
+    if not synthetic and Path(path).resolve() == DEFAULT_PATH.resolve():
+        die(f"student: {cfg.student!r} is a real model, but {DEFAULT_PATH.name} holds the embedded task's settings (lr "
+            f"{cfg.lr:g}, max_new_tokens {cfg.max_new_tokens}); start from a preset, e.g. "
+            f"--config=configs/gsm8k_1gpu.yaml (presets in {PRESETS_DIR.name}/)")
     return cfg

@@ -26,7 +26,8 @@ TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=
         "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=300", "--student_layers=2",
         "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8", "--sft_batch_size=8",
         "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=32", "--max_steps=5", "--eval_every=0",
-        "--method=trb", "--warmup_steps=3", "--eps0=0.5", "--temperature=0", "--lr_warmup_steps=1"]
+        "--method=trb", "--warmup_steps=3", "--eps0=0.5", "--temperature=0", "--lr_warmup_steps=1",
+        "--eval_max_new_tokens=32"]
 FSDP_ONLY = ["--teacher_sharding=shard", "--rollout_batch_size=1", "--micro_batch_size=1"]  # 2 of each per rank
 RELATIVE = 1e-4
 

@@ -21,7 +21,7 @@ TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=
         "--teacher_layers=1", "--teacher_hidden=32", "--teacher_sft_steps=4", "--student_layers=1",
         "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8", "--sft_batch_size=8",
         "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=12", "--max_steps=3", "--eval_every=2",
-        "--warmup_steps=2", "--eps0=0.5", "--checkpoint_every=0", "--lr_warmup_steps=1"]
+        "--warmup_steps=2", "--eps0=0.5", "--checkpoint_every=0", "--lr_warmup_steps=1", "--eval_max_new_tokens=12"]
 
 
 def run(*args, check=True):
@@ -71,7 +71,10 @@ def real_folders(tmp_path_factory):
 
 
 def real_args(folders, out_dir, *extra):
-    return [f"--student={folders / 'student'}", f"--teacher={folders / 'teacher'}", f"--dataset={folders / 'data'}",
+    """The one-GPU preset (real models need one), made tiny and CPU-sized by overrides."""
+    return [f"--config={ROOT / 'configs' / 'gsm8k_1gpu.yaml'}", "--num_threads=1", "--dataset_config=",
+            f"--student={folders / 'student'}", f"--teacher={folders / 'teacher'}", f"--dataset={folders / 'data'}",
+            "--rollout_batch_size=0", "--micro_batch_size=0", "--eval_batch_size=16", "--eval_max_new_tokens=8",
             "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=8", "--max_steps=2", "--eval_size=2",
             "--eval_samples=2", "--eval_every=0", "--checkpoint_every=0", f"--out_dir={out_dir}", *extra]
 

@@ -313,7 +313,7 @@ class _ReverseKLFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_hidden, teacher_head_weight, eos_ids):
         dtype = _compute_dtype(student_logits)
-        diff = (teacher_hidden @ teacher_head_weight.T).to(dtype)  # (n, V) teacher logits, soon log pi_S - log pi_T
+        diff = _head(teacher_hidden, teacher_head_weight).to(dtype)  # (n, V) teacher logits, soon log pi_S - log pi_T
         diff = canonicalise_eos(diff, eos_ids)
         diff = diff.sub_(torch.logsumexp(diff, dim=-1, keepdim=True))  # log pi_T
         log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (n, V)
@@ -334,13 +334,21 @@ class _ReverseKLFromHidden(torch.autograd.Function):
         return grad.to(ctx.student_dtype), None, None, None
 
 
+def _head(hidden, head_weight):
+    """Logits (n, V) = hidden (n, H) @ head_weight (V, H).T in float32 (or float64) even under autocast: a bf16 matmul
+    rounds its output, i.e. logits of magnitude ~30 by ~0.1."""
+    dtype = torch.promote_types(_compute_dtype(hidden), _compute_dtype(head_weight))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.to(dtype) @ head_weight.to(dtype).T
+
+
 def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk, eos_ids):
     """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar."""
-    student_logits = canonicalise_eos(student_hidden @ student_head_weight.T, eos_ids)  # (n, V)
+    student_logits = canonicalise_eos(_head(student_hidden, student_head_weight), eos_ids)  # (n, V)
     if topk == 0:
         return _ReverseKLFromHidden.apply(student_logits, teacher_hidden, teacher_head_weight, eos_ids).sum()
     with torch.no_grad():
-        teacher_logits = canonicalise_eos(teacher_hidden @ teacher_head_weight.T, eos_ids)  # (n, V)
+        teacher_logits = canonicalise_eos(_head(teacher_hidden, teacher_head_weight), eos_ids)  # (n, V)
     return _topk_reverse_kl(student_logits, teacher_logits, topk).sum()
 
 

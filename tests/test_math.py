@@ -372,3 +372,20 @@ def test_chunked_opd_loss_of_an_empty_mask_is_zero_and_differentiable():
     assert loss.item() == 0.0
     loss.backward()
     assert bool((hs.grad == 0).all()) and ws.grad is None
+
+
+def test_chunked_loss_computes_logits_in_float32_under_autocast():
+    """Under bf16 autocast each chunk's logits are still float32: the loss and its gradient equal opd_loss on float32
+    logits. A bf16 head matmul would round logits of magnitude ~30 by ~0.1 and miss by far more than the bound."""
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 48, generator=g)
+    ws, wt = torch.randn(500, 64, generator=g) * 0.7, torch.randn(500, 48, generator=g) * 0.8  # logits ~ +-30
+    hs.requires_grad_(True)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    reference = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
+    (expected,) = torch.autograd.grad(reference, hs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=5)
+    (grad,) = torch.autograd.grad(loss, hs)
+    assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)

@@ -22,6 +22,7 @@ micro_batch_size count rows per rank here.
 """
 import gc
 import json
+from datetime import timedelta
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoints
@@ -44,22 +46,39 @@ import train_small as small
 from config import die, load_config
 
 
-def init_distributed():
-    """(rank, world_size, device) from torchrun's environment: NCCL with one GPU per process, else gloo on CPU."""
+def init_distributed(timeout_minutes):
+    """
+    (rank, world_size, device) from torchrun's environment: NCCL with one GPU per process, else gloo on CPU. Every
+    collective times out after `timeout_minutes` (dist_timeout_minutes) instead of NCCL's 10-minute default; the
+    longest waits are kept far shorter (rollouts and evaluation decode in lockstep, real checkpoints load on every
+    rank at once), so the timeout only ends a run whose ranks truly diverged.
+    """
+    timeout = timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_model(model, mp_policy=None):
+def device_mesh(device, world, shard_size):
+    """1-D mesh over all ranks (FSDP), or with hsdp_shard_size n a 2-D (world/n, n) mesh: parameters sharded within
+    each group of n ranks (a node, over its fast links) and replicated across groups (HSDP: gradients reduce-scattered
+    within a group, then all-reduced across groups)."""
+    if not shard_size:
+        return init_device_mesh(device.type, (world,))
+    if world % shard_size:
+        die(f"hsdp_shard_size: {shard_size} does not divide the {world} ranks")
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model, mesh, mp_policy=None):
     """FSDP2 as torchtitan does it: each decoder layer is one unit (one all-gather), then the root (embeddings,
     final norm, head; tied weights stay together there)."""
-    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    kwargs = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy is not None else {})}
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     return fully_shard(model, **kwargs)
@@ -69,13 +88,26 @@ def fsdp_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
 
 
+def forget_forwards(model):
+    """
+    FSDP2 records every forward of each unit (its post-forward order, used to prefetch in backward) and clears the
+    record only at the end of a backward. A frozen sharded teacher never runs one, so without this its record would
+    grow by one entry per unit at every forward, every step (a slow leak and ever longer lists).
+    """
+    for m in fsdp_modules(model):
+        for group in m._get_fsdp_state()._fsdp_param_groups:
+            group.comm_ctx.post_forward_order.clear()
+            group._post_forward_indices.clear()
+
+
 class FSDP(small.SingleDevice):
     """train_small.SingleDevice's hooks for FSDP2 under torchrun: the whole distributed part of training."""
 
     def __init__(self, cfg):
-        self.rank, self.world, self.device = init_distributed()
+        super().__init__(cfg)
+        self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_minutes)
+        self.mesh = device_mesh(self.device, self.world, cfg.hsdp_shard_size)
         self.teacher_sharding = cfg.teacher_sharding
-        _, self.dtype = small.device_and_dtype(cfg)
 
     @contextmanager
     def main_first(self):
@@ -91,9 +123,9 @@ class FSDP(small.SingleDevice):
         frozen, no optimizer state; sharded only to free memory while the student trains (teacher_sharding)."""
         mp_policy = (MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
                      if self.dtype != torch.float32 else None)
-        student = shard_model(student.float(), mp_policy)
+        student = shard_model(student.float(), self.mesh, mp_policy)
         if self.teacher_sharding == "shard":
-            teacher = shard_model(teacher)
+            teacher = shard_model(teacher, self.mesh)
         return student, teacher
 
     @contextmanager
@@ -114,6 +146,16 @@ class FSDP(small.SingleDevice):
                 for m in fsdp_modules(model):
                     m.reshard()
                     m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: root stays gathered
+                if model is not None and not any(p.requires_grad for p in model.parameters()):
+                    forget_forwards(model)
+
+    def for_decoding(self, student):
+        """The student itself: its gathered mixed-precision parameters are already in the compute dtype."""
+        return student
+
+    def sync_gradients(self, student, last):
+        """Gradients accumulate unsharded (in float32) over micro-batches and are reduce-scattered once, on the last."""
+        student.set_requires_gradient_sync(last)
 
     def all_finished(self, done):
         """
@@ -181,14 +223,16 @@ class FSDP(small.SingleDevice):
             generator.set_state(rng["sampler_rng"])
         return meta["step"]
 
-    def export(self, student, tokenizer, path):
-        """Rank 0 writes the full student as a plain Hugging Face folder (safetensors), loadable by from_pretrained."""
+    def export(self, student, tokenizer, path, eos_ids):
+        """Rank 0 writes the full student as a plain Hugging Face folder (safetensors), loadable by from_pretrained,
+        with every stop id in its generation_config."""
         from transformers import AutoModelForCausalLM
         full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
             plain = AutoModelForCausalLM.from_config(student.config)  # the unwrapped class, on CPU
             plain.load_state_dict(full)
-            plain.to(self.dtype).save_pretrained(path)
+            plain.generation_config = student.generation_config
+            small.with_stop_ids(plain, eos_ids, tokenizer.pad_token_id).to(self.dtype).save_pretrained(path)
             tokenizer.save_pretrained(path)
         dist.barrier()
 

@@ -19,6 +19,7 @@ Elsewhere: config.py (every key, its type, check and meaning), synthetic_task.py
 cached teacher and student), math_data.py (real datasets, answer checking), checkpoints.py (atomic checkpoints,
 resume), compare.py (--compare over seeds).
 """
+import copy
 import dataclasses
 import json
 import math
@@ -49,12 +50,14 @@ def load_splits(cfg):
 
 
 def format_prompt(question, tokenizer, cfg):
-    """Synthetic task: the question itself. Real data: the paper's system prompt, via the chat template if any."""
+    """Synthetic task: the question itself. Real data: the paper's system prompt, via the chat template if any (Qwen3's
+    reads enable_thinking: off, it appends an empty think block)."""
     if cfg.dataset == "synthetic":
         return question
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=cfg.enable_thinking)
     return f"{cfg.system_prompt}\n\n{question}\n"
 
 
@@ -123,6 +126,8 @@ def load_models(cfg, train, held_out):
         student = load_pretrained("student", cfg.student, cfg, torch.float32)
         teacher, teacher_scores = load_pretrained("teacher", cfg.teacher, cfg, dtype), None
     teacher.requires_grad_(False)
+    if cfg.activation_checkpointing:  # per decoder layer; active in train mode only, i.e. in the loss forwards
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # float32 master weights for the student: AdamW steps of lr 1e-5 vanish in bf16 rounding; compute runs in `dtype`
     return tokenizer, student.to(device, torch.float32), teacher.to(device, dtype).eval(), teacher_scores
 
@@ -152,6 +157,10 @@ class SingleDevice:
     """train_small.py's hooks: one process, all rows, nothing to gather or reduce."""
     rank, world = 0, 1
 
+    def __init__(self, cfg=None):
+        self.dtype = device_and_dtype(cfg)[1] if cfg is not None else torch.float32
+        self._decoding_copy = None
+
     @property
     def is_main(self):
         """Whether this process logs, prints and writes out_dir (FSDP: rank 0)."""
@@ -168,6 +177,25 @@ class SingleDevice:
     def gathered(self, *models):
         """Context in which the models' full parameters stay in memory (FSDP: all-gathered once, for a whole block)."""
         return nullcontext()
+
+    @torch.no_grad()
+    def for_decoding(self, student):
+        """
+        The student as rollouts and evaluation run it. With a bf16 compute dtype: a bf16 copy of the float32 master
+        weights, refreshed on every call (2 bytes per parameter). Under autocast the float32 model itself would keep
+        float32 keys in its KV cache (RMSNorm's float32 weight upcasts them), twice the memory. FSDP: the model
+        itself, whose mixed-precision parameters are bf16 already.
+        """
+        if self.dtype == torch.float32:
+            return student
+        if self._decoding_copy is None:
+            self._decoding_copy = copy.deepcopy(student).to(self.dtype).eval().requires_grad_(False)
+        for target, source in zip(self._decoding_copy.parameters(), student.parameters()):
+            target.copy_(source)
+        return self._decoding_copy
+
+    def sync_gradients(self, student, last):
+        """Called before each micro-batch's backward: whether to reduce gradients now (FSDP: on the last only)."""
 
     def all_finished(self, done):
         """The rollout's stop rule given this process's done rows (FSDP: every rank decodes the same steps)."""
@@ -191,10 +219,21 @@ class SingleDevice:
     def load_checkpoint(self, path, student, optimizer, generator, cfg):
         return checkpoints.load_checkpoint(path, student, optimizer, generator, cfg.trust_remote_code)
 
-    def export(self, student, tokenizer, path):
-        """The final student as a plain Hugging Face folder (safetensors) that from_pretrained loads."""
-        student.save_pretrained(path)
+    def export(self, student, tokenizer, path, eos_ids):
+        """The final student as a plain Hugging Face folder (safetensors) that from_pretrained loads, which stops
+        `generate` (or vLLM) at every stop id it was trained with."""
+        with_stop_ids(student, eos_ids, tokenizer.pad_token_id).save_pretrained(path)
         tokenizer.save_pretrained(path)
+
+
+def with_stop_ids(model, eos_ids, pad_token_id):
+    """The model with generation_config.eos_token_id = all of eos_ids: training merged them into one stop event
+    (a Base student's <|endoftext|> and a chat teacher's <|im_end|>), so the exported model must stop at each."""
+    from transformers import GenerationConfig
+    config = copy.deepcopy(model.generation_config) if model.generation_config is not None else GenerationConfig()
+    config.eos_token_id, config.pad_token_id = list(eos_ids), pad_token_id
+    model.generation_config = config
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -227,13 +266,34 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
 
 
 def forward_completions(model, sequences, mask, P, V, hidden):
-    """Logits (B, N, V) or last hidden states (B, N, H) at the positions that predict the N completion tokens."""
-    if hidden:  # through the root forward (not model.base_model), so that FSDP's root hooks gather embeddings and head
-        out = model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask),
-                    output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1][:, P - 1:-1]  # (B, N, H) after the final norm
-    out = model(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask))
-    return out.logits[:, P - 1:-1, :V]
+    """
+    Logits (B, N, V) or last hidden states (B, N, H) at the positions that predict the N completion tokens, and
+    nothing else kept: no KV cache, no per-layer hidden states (2.5 GB per 8k-token row of an 8B teacher).
+    """
+    inputs = dict(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False)
+    if not hidden:
+        return model(**inputs).logits[:, P - 1:-1, :V]
+    # The final norm's output, caught on its way out of the decoder, through the root forward (not the decoder
+    # alone) so that FSDP's root hooks gather embeddings, norm and head; the head then multiplies one position only.
+    caught = []
+    handle = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return caught[0][:, P - 1:-1]  # (B, N, H)
+
+
+def trimmed(rollout, mask, rows, P):
+    """
+    (sequences, mask, completion_mask, P') of a micro-batch of rows, cut to its own width: the columns of left padding
+    that all its rows share, and the completion columns after its longest row, are dropped (all are masked out and, in
+    a causal model, change nothing), so a micro-batch never runs at the width of the longest row of the whole step.
+    """
+    completion_mask = rollout.completion_mask[rows]
+    n = max(int(completion_mask.sum(1).max()), 1) if completion_mask.numel() else 1
+    left = int(mask[rows, :P].any(0).long().argmax())  # first column where some row's prompt starts
+    return rollout.sequences[rows, left:P + n], mask[rows, left:P + n], completion_mask[:, :n], P - left
 
 
 def teacher_view_sums(teacher_logits, tokens, mask):
@@ -263,7 +323,8 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
     with autocast(cfg):
-        rollout = rollouts(student, teacher if trb.behavior_needs_teacher(kwargs) else None, input_ids, prompt_mask,
+        rollout = rollouts(runtime.for_decoding(student), teacher if trb.behavior_needs_teacher(kwargs) else None,
+                           input_ids, prompt_mask,
                            cfg.rollout_batch_size, runtime, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
     mask = torch.cat([prompt_mask, rollout.completion_mask.long()], 1)  # (B, P+N)
@@ -274,13 +335,14 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     optimizer.zero_grad(set_to_none=True)
     loss_sum = logprob_sum = entropy_sum = 0.0
     micro = cfg.micro_batch_size or B
-    for rows in (slice(i, i + micro) for i in range(0, B, micro)):
-        sequences, row_mask, completion_mask = rollout.sequences[rows], mask[rows], rollout.completion_mask[rows]
+    for start in range(0, B, micro):
+        sequences, row_mask, completion_mask, p = trimmed(rollout, mask, slice(start, start + micro), P)
+        runtime.sync_gradients(student, last=start + micro >= B)
         with autocast(cfg):
             with torch.no_grad(), runtime.gathered(teacher):
-                teacher_out = forward_completions(teacher, sequences, row_mask, P, V, cfg.chunked_loss)
+                teacher_out = forward_completions(teacher, sequences, row_mask, p, V, cfg.chunked_loss)
                 teacher_head = runtime.head_weight(teacher, V) if cfg.chunked_loss else None
-            student_out = forward_completions(student, sequences, row_mask, P, V, cfg.chunked_loss)
+            student_out = forward_completions(student, sequences, row_mask, p, V, cfg.chunked_loss)
             # 3) E1: reverse KL to the teacher at every completion token, with one stop event as in the rollout
             if cfg.chunked_loss:
                 loss = trb.chunked_opd_loss(student_out, runtime.head_weight(student, V), teacher_out, teacher_head,
@@ -290,7 +352,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
                 student_out, teacher_out = (trb.canonicalise_eos(x, eos_ids) for x in (student_out, teacher_out))
                 loss = trb.opd_loss(student_out, teacher_out, completion_mask, topk=cfg.loss_topk)
                 # the teacher's view of the visited tokens for every method, from this forward
-                logprob, entropy = teacher_view_sums(teacher_out, sequences[:, P:], completion_mask)
+                logprob, entropy = teacher_view_sums(teacher_out, sequences[:, p:], completion_mask)
                 logprob_sum, entropy_sum = logprob_sum + logprob, entropy_sum + entropy
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
@@ -323,9 +385,11 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
 @torch.no_grad()
 def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     """
-    Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy. Under
-    FSDP each rank decodes its share of the problems (parameters gathered once, so its forwards need no collectives
-    and ranks may decode different numbers of steps) and the correct counts are summed.
+    Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, decoding
+    eval_batch_size rows per call up to eval_max_new_tokens. Answers are checked with math-verify on real data and by
+    exact match on the embedded task. Under FSDP each rank decodes its share of the problems in lockstep with the
+    others (the same number of calls, each stopping when every rank's rows are done; a rank with fewer problems pads
+    its last call with uncounted ones), so no rank waits for another longer than one token; the counts are summed.
     """
     runtime = runtime or SingleDevice()
     device = next(model.parameters()).device
@@ -333,24 +397,30 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     generator = torch.Generator(device).manual_seed(seed)  # own generator: evaluation never shifts training RNG
     was_training = model.training
     model.eval()
-    share = held_out.select(range(len(held_out))[runtime.share(len(held_out))])
-    questions = [format_prompt(q, tokenizer, cfg) for q in share["question"]]
-    answers = [math_data.reference_answer(a) for a in share["answer"]]
+    per_rank = -(-len(held_out) // runtime.world)  # every rank decodes as many problems as the largest share
+    mine = list(range(len(held_out)))[runtime.share(len(held_out))]
+    rows = [(i, True) for i in mine] + [(0, False)] * (per_rank - len(mine))  # (problem, counted)
+    all_questions, answers = list(held_out["question"]), list(held_out["answer"])
+    questions = [format_prompt(all_questions[i], tokenizer, cfg) for i, _ in rows]
+    exact = cfg.dataset == "synthetic"
     correct = {}
     with runtime.gathered(model):
         for name, n, temperature in (("pass@1", cfg.eval_samples, cfg.eval_temperature), ("greedy", 1, 0.0)):
-            per_batch = max(1, cfg.eval_batch_size // n)
+            per_call = max(1, cfg.eval_batch_size // n)  # problems per call: n * per_call <= eval_batch_size rows
             correct[name] = 0
-            for i in tqdm(range(0, len(questions), per_batch), desc=f"eval rollouts ({name})", leave=False):
-                batch = encode_prompts(questions[i:i + per_batch], tokenizer, device)
-                input_ids, mask = (x.repeat_interleave(n, 0) for x in batch)  # (n * prompts, P)
+            for i in tqdm(range(0, len(rows), per_call), desc=f"eval rollouts ({name})", leave=False):
+                batch = encode_prompts(questions[i:i + per_call], tokenizer, device)
+                input_ids, mask = (x.repeat_interleave(n, 0) for x in batch)  # (n * problems, P)
                 with autocast(cfg):
                     rollout = trb.blended_generate(model, None, input_ids, mask, eps=0.0,
-                                                   max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                                   max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
                                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                                   generator=generator, vocab_size=len(tokenizer))
+                                                   generator=generator, vocab_size=len(tokenizer),
+                                                   all_finished=runtime.all_finished)
                 texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
-                correct[name] += sum(math_data.extract_answer(t) == answers[i + j // n] for j, t in enumerate(texts))
+                for j, text in enumerate(texts):
+                    problem, counted = rows[i + j // n]
+                    correct[name] += counted and math_data.is_correct(text, answers[problem], exact)
     model.train(was_training)
     pass_correct, greedy_correct = runtime.sum([correct["pass@1"], correct["greedy"]])
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
@@ -362,13 +432,15 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
 
 def train(cfg, runtime=None):
     """One distillation run; the main process writes metrics.jsonl, summary.json and the final student to out_dir."""
-    runtime = runtime or SingleDevice()
+    runtime = runtime or SingleDevice(cfg)
     if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     started = time.time()
     out = Path(cfg.out_dir)
     random.seed(cfg.seed)
-    with runtime.main_first():  # FSDP: rank 0 trains and caches the synthetic models, the others then load them
+    # FSDP, embedded task: rank 0 trains and caches the synthetic models, the others then load them. Real models:
+    # every rank loads at once (the hub's file locks make one of them download), so no rank waits in a collective.
+    with runtime.main_first() if cfg.student == "synthetic" else nullcontext():
         train_split, held_out = load_splits(cfg)
         tokenizer, student, teacher, teacher_scores = load_models(cfg, train_split, held_out)
     student, teacher = runtime.prepare(student, teacher)
@@ -389,7 +461,8 @@ def train(cfg, runtime=None):
         else:
             history = checkpoints.read_metrics(out / "metrics.jsonl", start)
         checkpoints.rewrite_metrics(out / "metrics.jsonl", history)
-    evaluate_at = lambda step: evaluate(student, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+    evaluate_at = lambda step: evaluate(runtime.for_decoding(student), tokenizer, held_out, cfg, cfg.seed + step,
+                                        eos_ids, runtime)
     with open(out / "metrics.jsonl", "a") if runtime.is_main else nullcontext() as log:
         def record(row):
             history.append(row)
@@ -413,7 +486,7 @@ def train(cfg, runtime=None):
             bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
             if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
                 runtime.save_checkpoint(out, row["step"], student, optimizer, generator)
-    runtime.export(student, tokenizer, out / "student")
+    runtime.export(student, tokenizer, out / "student", eos_ids)
     if runtime.is_main:
         evals = [row for row in history if "pass@1" in row]
         best = max(evals, key=lambda row: row["pass@1"])

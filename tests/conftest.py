@@ -1,7 +1,12 @@
+import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests import trb.py and the scripts from the root
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests import trb.py and the scripts from the root
+BASE_EOS, CHAT_EOS = 151643, 151645  # Qwen3: <|endoftext|> (Base models, and pad), <|im_end|> (chat models)
 
 
 def relative_weight_error(a, b):
@@ -13,3 +18,70 @@ def relative_weight_error(a, b):
     """
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).norm() / a[k].double().norm()) for k in a)
+
+
+QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|special_{i}|>" for i in range(21)] + [
+    "<think>", "</think>"]  # ids 151643..151668, as in Qwen3's tokenizer
+QWEN3_TEMPLATE = (  # ChatML as Qwen3's template writes it, with its enable_thinking switch
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen3_sized_tokenizer(eos_token, chat_template=True):
+    """
+    A tokenizer with Qwen3's size and special ids, built offline: 151,643 ordinary entries (one per printable
+    character first, then fillers), then 26 special tokens from 151643 (<|endoftext|>, the Base EOS and pad) through
+    151645 (<|im_end|>, the chat EOS) to </think> at 151668; len 151,669.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    tokens = chars + [f"<f{i}>" for i in range(151643 - len(chars))] + QWEN3_SPECIAL
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<f0>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token="<|endoftext|>",
+                                        additional_special_tokens=QWEN3_SPECIAL[1:], padding_side="left")
+    tokenizer.chat_template = QWEN3_TEMPLATE if chat_template else None
+    assert len(tokenizer) == 151669 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    return tokenizer
+
+
+def qwen3_sized_model(eos_token_id, layers, seed, hidden=32):
+    """A tiny random Qwen3 with the real head width (151,936 rows, past the tokenizer) and the given stop ids."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=151643, eos_token_id=eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = eos_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def qwen3_folders(tmp_path_factory):
+    """A Base student (EOS 151643, no chat template) and a chat teacher (EOS [151645, 151643], ChatML template),
+    both with Qwen3's tokenizer size and 151,936-row heads, and a GSM8K-style .jsonl, in local folders."""
+    root = tmp_path_factory.mktemp("qwen3")
+    for name, eos, layers in (("student", BASE_EOS, 1), ("teacher", [CHAT_EOS, BASE_EOS], 2)):
+        tokenizer = (qwen3_sized_tokenizer("<|endoftext|>", chat_template=False) if name == "student"
+                     else qwen3_sized_tokenizer("<|im_end|>"))
+        qwen3_sized_model(eos, layers, seed=layers).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    with open(root / "gsm8k.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"question": f"What is {i}+{i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}) + "\n")
+    return root
+
+
+def qwen3_args(folders, out_dir, *extra):
+    """The one-GPU preset on the Qwen3-sized folders, cut to a few CPU seconds by overrides."""
+    return [f"--config={ROOT / 'configs' / 'gsm8k_1gpu.yaml'}", f"--student={folders / 'student'}",
+            f"--teacher={folders / 'teacher'}", f"--dataset={folders / 'gsm8k.jsonl'}", "--dataset_config=",
+            "--num_threads=1", "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=4",
+            "--eval_max_new_tokens=4", "--max_steps=1", "--eval_size=2", "--eval_samples=1", "--eval_every=0",
+            "--checkpoint_every=0", "--rollout_batch_size=2", "--micro_batch_size=2", "--eval_batch_size=2",
+            "--loss_chunk_size=8", f"--out_dir={out_dir}", *extra]

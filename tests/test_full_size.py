@@ -1,0 +1,216 @@
+"""
+The full-size path on CPU: Qwen3's vocabulary and stop ids (a 151,669-entry tokenizer built here, heads padded to
+151,936), the presets, thinking mode, evaluation batching, and what the loss forwards, rollouts and activation
+checkpointing keep in memory. tests/test_fsdp.py covers the same under torchrun.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
+import synthetic_task  # noqa: E402
+import train_small  # noqa: E402
+import trb  # noqa: E402
+from conftest import BASE_EOS, CHAT_EOS, qwen3_args, qwen3_sized_model, qwen3_sized_tokenizer  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+def test_export_keeps_every_stop_id_at_qwen3_sizes(qwen3_folders, tmp_path):
+    """A real-size run (151,669-entry tokenizer, 151,936-row heads, Base student with a chat teacher) trains with
+    both EOS ids merged into one stop event, and the exported student's generation_config stops at both."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    result = subprocess.run([sys.executable, "train_small.py", *qwen3_args(qwen3_folders, tmp_path / "run")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = GenerationConfig.from_pretrained(tmp_path / "run" / "student")
+    assert exported.eos_token_id == [BASE_EOS, CHAT_EOS] and exported.pad_token_id == BASE_EOS
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.vocab_size == 151936
+
+
+def test_stop_ids_put_the_students_eos_first():
+    """stop_token_ids: the student tokenizer's EOS (the one it emits) first, then the teacher's other ones."""
+    tokenizer = qwen3_sized_tokenizer("<|endoftext|>", chat_template=False)
+    student, teacher = qwen3_sized_model(BASE_EOS, 1, 0, hidden=16), qwen3_sized_model([CHAT_EOS, BASE_EOS], 1, 0, 16)
+    assert train_small.stop_token_ids(tokenizer, student, teacher) == [BASE_EOS, CHAT_EOS]
+
+
+def real_config(folders, *extra):
+    return config.load_config(qwen3_args(folders, "unused", *extra))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_thinking_switch_reaches_the_chat_template(qwen3_folders, thinking):
+    """enable_thinking=false appends Qwen3's empty think block after the generation prompt; true leaves the prompt
+    open (the template's default); a tokenizer without a chat template keeps the plain prompt either way."""
+    from transformers import AutoTokenizer
+    cfg = real_config(qwen3_folders, f"--enable_thinking={str(thinking).lower()}")
+    chat = AutoTokenizer.from_pretrained(qwen3_folders / "teacher")
+    prompt = train_small.format_prompt("What is 1+2?", chat, cfg)
+    assert prompt.startswith("<|im_start|>system\nPlease reason step by step")
+    assert prompt.endswith("<|im_start|>assistant\n" if thinking else "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    base = qwen3_sized_tokenizer("<|endoftext|>", chat_template=False)
+    assert train_small.format_prompt("What is 1+2?", base, cfg) == f"{cfg.system_prompt}\n\nWhat is 1+2?\n"
+
+
+def test_presets_load_and_real_models_refuse_the_embedded_defaults(capsys):
+    """Every preset is a whole config (every key, in config.yaml's order) that loads; a real model with config.yaml's
+    embedded-task settings stops with one line naming the key and pointing to the presets."""
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"qwen3_1.7b_from_8b", "qwen3_0.6b_from_4b", "gsm8k_1gpu"}
+    for path in presets:
+        keys = [line.split(":")[0] for line in path.read_text().splitlines() if line and line[0].isalpha()]
+        assert keys == list(config.FIELDS), path.name
+        cfg = config.load_config([f"--config={path}"])
+        assert cfg.student != "synthetic" and cfg.lr == 1e-5 and cfg.max_new_tokens >= 1024, path.name
+        assert cfg.eval_max_new_tokens >= cfg.max_new_tokens and cfg.chunked_loss
+    with pytest.raises(SystemExit):
+        config.load_config(["--student=Qwen/Qwen3-0.6B-Base", "--teacher=Qwen/Qwen3-4B", "--dataset=openai/gsm8k"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: student:") and "configs/gsm8k_1gpu.yaml" in err[0]
+
+
+def test_evaluation_decodes_at_most_eval_batch_size_rows_per_call(qwen3_folders, monkeypatch):
+    """Evaluation never decodes more than eval_batch_size rows in one call, decodes eval_max_new_tokens, every
+    problem n times for pass@1 and once greedily, and counts each exactly once (a grader that accepts one problem)."""
+    from transformers import AutoTokenizer
+    import math_data
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_folders / "student")
+    model = qwen3_sized_model(BASE_EOS, 1, 3, hidden=16)
+    calls, real = [], trb.blended_generate
+
+    def recording(*args, **kwargs):
+        calls.append((args[2].shape[0], kwargs["max_new_tokens"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trb, "blended_generate", recording)
+    for rows in (3, 64):
+        cfg = real_config(qwen3_folders, f"--eval_batch_size={rows}", "--eval_samples=2", "--eval_size=5",
+                          "--eval_max_new_tokens=3")
+        _, held_out = train_small.load_splits(cfg)
+        target = held_out["answer"][0]
+        monkeypatch.setattr(math_data, "is_correct", lambda text, answer, exact: answer == target)
+        calls.clear()
+        result = train_small.evaluate(model, tokenizer, held_out, cfg, seed=0)
+        assert result == {"pass@1": 1 / 5, "greedy": 1 / 5}
+        assert all(n <= rows and tokens == 3 for n, tokens in calls), calls
+        assert sum(n for n, _ in calls) == 5 * 2 + 5
+    assert len(calls) == 2  # 64 rows: one call for the 5 x 2 samples, one for greedy
+
+
+def test_loss_forwards_keep_no_cache_and_no_per_layer_hidden_states():
+    """The loss forwards ask for neither a KV cache nor every layer's hidden states, and the hidden-state path returns
+    the final norm's output at the completion positions, as output_hidden_states' last entry."""
+    tokenizer = synthetic_task.char_tokenizer()
+    model = synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0).eval()
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
+    sequences = torch.randint(3, len(tokenizer), (2, 9))
+    mask = torch.ones_like(sequences)
+    with torch.no_grad():
+        hidden = train_small.forward_completions(model, sequences, mask, 4, len(tokenizer), hidden=True)
+        logits = train_small.forward_completions(model, sequences, mask, 4, len(tokenizer), hidden=False)
+        reference = model(input_ids=sequences, attention_mask=mask, output_hidden_states=True)
+    for kwargs, out in seen[:2]:  # the two loss forwards (not the reference)
+        assert kwargs["use_cache"] is False and not kwargs.get("output_hidden_states")
+        assert out.past_key_values is None and out.hidden_states is None
+    assert seen[0][1].logits.shape[1] == 1  # the head multiplies one position in the hidden-state path
+    torch.testing.assert_close(hidden, reference.hidden_states[-1][:, 3:-1], rtol=0, atol=0)  # the same ops
+    torch.testing.assert_close(logits, reference.logits[:, 3:-1], rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batches_are_trimmed_to_their_own_rows():
+    """A micro-batch drops the left padding all its rows share and the columns after its longest completion; its
+    loss equals the untrimmed micro-batch's (masked columns change nothing in a causal model)."""
+    tokenizer = synthetic_task.char_tokenizer()
+    student = synthetic_task.tiny_qwen3(tokenizer, 1, 32, seed=0)
+    teacher = synthetic_task.tiny_qwen3(tokenizer, 1, 32, seed=1)
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    lengths = torch.tensor([2, 1, 6, 3])
+    completion_mask = torch.arange(6)[None] < lengths[:, None]  # (4, N=6)
+    sequences = torch.randint(3, len(tokenizer), (4, 10)) * torch.cat([prompt_mask, completion_mask.long()], 1)
+    rollout = trb.Rollout(**{f.name: None for f in dataclasses.fields(trb.Rollout)})
+    rollout.sequences, rollout.completion_mask = sequences, completion_mask
+    mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+    seqs, row_mask, cmask, p = train_small.trimmed(rollout, mask, slice(0, 2), 4)
+    assert (seqs.shape, p, cmask.shape) == ((2, 2 + 2), 2, (2, 2))  # 2 shared pad columns and 4 unused ones dropped
+    assert train_small.trimmed(rollout, mask, slice(2, 4), 4)[0].shape == (2, 4 + 6)
+    V = len(tokenizer)
+
+    def loss(s, m, c, p):
+        return trb.opd_loss(train_small.forward_completions(student, s, m, p, V, False),
+                            train_small.forward_completions(teacher, s, m, p, V, False), c)
+    torch.testing.assert_close(loss(seqs, row_mask, cmask, p), loss(sequences[:2], mask[:2], completion_mask[:2], 4),
+                               rtol=1e-5, atol=0)
+
+
+def test_bf16_rollouts_run_a_bf16_copy_with_a_bf16_kv_cache():
+    """With a bf16 compute dtype, rollouts run a bf16 copy of the float32 student, refreshed from it on each call:
+    its KV cache is bf16. The float32 student under autocast would cache float32 keys (RMSNorm's float32 weight
+    upcasts them), which is what the copy avoids."""
+    from transformers import DynamicCache
+    tokenizer = synthetic_task.char_tokenizer()
+    student = synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0)
+    runtime = train_small.SingleDevice(dataclasses.replace(config.load_config([]), dtype="bfloat16"))
+    ids = torch.randint(3, len(tokenizer), (2, 5))
+
+    def cache_dtypes(model):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert torch.float32 in cache_dtypes(student)  # the problem: autocast alone keeps float32 keys
+    decoding = runtime.for_decoding(student)
+    assert cache_dtypes(decoding) == {torch.bfloat16}
+    with torch.no_grad():
+        student.model.norm.weight.add_(1.0)
+    assert runtime.for_decoding(student) is decoding and torch.equal(
+        decoding.model.norm.weight, student.model.norm.weight.to(torch.bfloat16))  # refreshed from the master
+    assert train_small.SingleDevice(config.load_config([])).for_decoding(student) is student  # float32: no copy
+
+
+def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
+    """activation_checkpointing: each decoder layer's inside runs again in backward (its module hooks, where FSDP
+    gathers, stay outside the recomputation), and the gradients equal the plain run's."""
+    tokenizer = synthetic_task.char_tokenizer()
+    ids = torch.randint(3, len(tokenizer), (2, 7))
+    grads, forwards = {}, {}
+    for on in (False, True):
+        model = synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0).train()
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        count = [0]
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).sum().backward()
+        grads[on], forwards[on] = {n: p.grad for n, p in model.named_parameters()}, count[0]
+    assert (forwards[False], forwards[True]) == (1, 2)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_key_reaches_the_student(qwen3_folders):
+    """load_models turns on per-layer checkpointing of the student (never the frozen teacher) when the key says so."""
+    cfg = real_config(qwen3_folders, "--activation_checkpointing=true")
+    _, student, teacher, _ = train_small.load_models(cfg, None, None)
+    assert student.is_activation_checkpointing and not teacher.is_activation_checkpointing
+
+
+def test_collective_timeout_comes_from_config(monkeypatch):
+    """train_fsdp.init_distributed passes dist_timeout_minutes to the process group (NCCL's default is 10 min)."""
+    import train_fsdp
+    seen = {}
+    monkeypatch.setattr(train_fsdp.dist, "init_process_group", lambda backend, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(train_fsdp.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train_fsdp.dist, "get_world_size", lambda: 1)
+    train_fsdp.init_distributed(90)
+    assert seen["timeout"] == timedelta(minutes=90)
+    assert config.load_config([]).dist_timeout_minutes >= 30

@@ -10,24 +10,22 @@ rank-0 logging. Read it next to train_small.py's `SingleDevice`.
 
 Launch (same config.yaml and --key=value overrides as train_small.py; NCCL on GPUs, gloo on CPU):
     torchrun --standalone --nproc_per_node=2 train_fsdp.py --max_steps=20         # CPU smoke run (synthetic task)
-    torchrun --standalone --nproc_per_node=8 train_fsdp.py --student=Qwen/Qwen3-1.7B-Base --teacher=Qwen/Qwen3-8B \
-        --dataset=<OpenThoughts3 prompts> --batch_size=64 --rollouts_per_prompt=4 --max_new_tokens=7168 \
-        --lr=1e-5 --lr_warmup_steps=15 --chunked_loss=true --teacher_sharding=shard --rollout_batch_size=16 \
-        --micro_batch_size=1
+    torchrun --standalone --nproc_per_node=8 train_fsdp.py --config=configs/qwen3_1.7b_from_8b.yaml  # the paper's run
+    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8   # memory per GPU, no GPU needed
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=trb \
-        train_fsdp.py ...                                                          # multi-node: same on every node
+        train_fsdp.py --config=... --hsdp_shard_size=8                             # multi-node: same on every node
 
-The config key only this script reads: teacher_sharding (replicate | shard). rollout_batch_size and
-micro_batch_size count rows per rank here.
+The config keys only this script reads: teacher_sharding (replicate | shard), hsdp_shard_size (HSDP) and
+dist_timeout_minutes. rollout_batch_size, micro_batch_size and eval_batch_size count rows per rank here.
 """
 import gc
 import json
-from datetime import timedelta
 import os
 import random
 import shutil
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 if int(os.environ.get("RANK", "0")) > 0:

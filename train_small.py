@@ -10,9 +10,7 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
     python train_small.py --compare=opd,trb,fixed_eps,skd --seeds=0,1,2 --out_dir=runs/compare
-    python train_small.py --student=Qwen/Qwen3-0.6B-Base --teacher=Qwen/Qwen3-4B --dataset=openai/gsm8k \
-        --dataset_config=main --max_new_tokens=1024 --lr=1e-5 --batch_size=16 --chunked_loss=true \
-        --rollout_batch_size=16 --micro_batch_size=4                               # one GPU, bf16
+    python train_small.py --config=configs/gsm8k_1gpu.yaml                 # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
 Read top-down: data and models, the hooks where train_fsdp.py differs, the training step, evaluation, the loop.
 Elsewhere: config.py (every key, its type, check and meaning), synthetic_task.py (the embedded offline task and its

@@ -1,66 +1,126 @@
 """
 Real math datasets for train_small.py and train_fsdp.py, and answer checking: a hub dataset, a save_to_disk folder or a
-.json/.jsonl file with a question and an answer field; answers in "#### n" (GSM8K, and the embedded synthetic task) or
-\\boxed{...} form, compared after light normalisation.
+.json/.jsonl file with a question and an answer field, for training and (optionally another one) for evaluation.
+Answers are the last \\boxed{...} or "#### n" of a completion; on real data they are compared with math-verify, the
+paper's checker (\\frac12 = 0.5 = \\dfrac{1}{2}), on the embedded synthetic task as exact strings.
 """
 import os
 import re
+import threading
 
 from config import die
 
 
-def load_splits(cfg):
-    """(train, held-out) datasets.Dataset with "question" and "answer" fields from a hub name, a save_to_disk folder or
-    a .json/.jsonl file; any loading problem stops with one line naming the key."""
+def _load(name, config_name, key):
+    """A DatasetDict from a hub name, a save_to_disk folder or a .json/.jsonl file (one split, named "train"); any
+    loading problem stops with one line naming the key."""
     import datasets
     datasets.disable_progress_bars()  # stderr stays clean: errors below must be one line
-    name = os.path.expanduser(cfg.dataset)
+    path = os.path.expanduser(name)
     try:
-        if any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json")):
-            data = datasets.load_from_disk(name)
-        elif os.path.isfile(name):
-            data = datasets.load_dataset("json", data_files=name)
+        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "dataset_info.json")):
+            data = datasets.load_from_disk(path)
+        elif os.path.isfile(path):
+            data = datasets.load_dataset("json", data_files=path)
         else:
-            data = datasets.load_dataset(name, cfg.dataset_config or None)
+            data = datasets.load_dataset(path, config_name or None)
     except Exception as error:  # noqa: BLE001 - any loader failure becomes one line naming the key
-        die(f"dataset: cannot load {cfg.dataset!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
-    if isinstance(data, datasets.Dataset):
-        data = datasets.DatasetDict({cfg.train_split: data})
-    if cfg.eval_split not in data and len(data) == 1:  # a single split: hold out eval_size of its rows
-        only = next(iter(data.values()))
-        parts = only.train_test_split(test_size=min(cfg.eval_size, len(only) // 2), seed=cfg.data_seed)
-        data = datasets.DatasetDict({cfg.train_split: parts["train"], cfg.eval_split: parts["test"]})
-    for key in ("train_split", "eval_split"):
-        if getattr(cfg, key) not in data:
-            die(f"{key}: split {getattr(cfg, key)!r} not in {cfg.dataset!r} (splits: {', '.join(data)})")
-    train, held_out = data[cfg.train_split], data[cfg.eval_split]
-    for field in (cfg.question_field, cfg.answer_field):
-        if field not in train.column_names or field not in held_out.column_names:
-            die(f"dataset: no field {field!r} in {cfg.dataset!r} (columns: {', '.join(train.column_names)})")
-    names = {k: v for k, v in {cfg.question_field: "question", cfg.answer_field: "answer"}.items() if k != v}
-    rename = lambda d: d.select_columns([cfg.question_field, cfg.answer_field]).rename_columns(names)
-    return rename(train), rename(held_out).select(range(min(cfg.eval_size, len(held_out))))
+        die(f"{key}: cannot load {name!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
+    return data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict({"train": data})
 
 
-def extract_answer(text):
-    """Final answer of a solution: the last \\boxed{...} (braces matched), else the last '#### n', else None."""
+def _split(data, split, key, name):
+    if split not in data:
+        die(f"{key}: split {split!r} not in {name!r} (splits: {', '.join(data)})")
+    return data[split]
+
+
+def _question_answer(rows, question_field, answer_field, key, name):
+    """The rows with just "question" and "answer" columns, from the named fields."""
+    for field in (question_field, answer_field):
+        if field not in rows.column_names:
+            die(f"{key}: no field {field!r} in {name!r} (columns: {', '.join(rows.column_names)})")
+    rows = rows.select_columns([question_field, answer_field])
+    names = {k: v for k, v in {question_field: "question", answer_field: "answer"}.items() if k != v}
+    return rows.rename_columns(names) if names else rows
+
+
+def load_splits(cfg):
+    """
+    (train, held-out) datasets.Dataset with "question" and "answer" fields. Held out: eval_size rows of eval_dataset's
+    eval_split if eval_dataset is set, else of the training dataset's eval_split (a dataset with a single split gives
+    eval_size of its rows, chosen with data_seed, and trains on the rest).
+    """
+    data = _load(cfg.dataset, cfg.dataset_config, "dataset")
+    if cfg.eval_dataset:
+        train = _split(data, cfg.train_split, "train_split", cfg.dataset)
+        held_out = _question_answer(
+            _split(_load(cfg.eval_dataset, cfg.eval_dataset_config, "eval_dataset"), cfg.eval_split, "eval_split",
+                   cfg.eval_dataset),
+            cfg.eval_question_field or cfg.question_field, cfg.eval_answer_field or cfg.answer_field, "eval_dataset",
+            cfg.eval_dataset)
+    else:
+        if cfg.eval_split not in data and len(data) == 1:  # a single split: hold out eval_size of its rows
+            only = next(iter(data.values()))
+            parts = only.train_test_split(test_size=min(cfg.eval_size, len(only) // 2), seed=cfg.data_seed)
+            data = {cfg.train_split: parts["train"], cfg.eval_split: parts["test"]}
+        train = _split(data, cfg.train_split, "train_split", cfg.dataset)
+        held_out = _question_answer(_split(data, cfg.eval_split, "eval_split", cfg.dataset), cfg.question_field,
+                                    cfg.answer_field, "dataset", cfg.dataset)
+    train = _question_answer(train, cfg.question_field, cfg.answer_field, "dataset", cfg.dataset)
+    return train, held_out.select(range(min(cfg.eval_size, len(held_out))))
+
+
+def final_answer(text):
+    """The final answer of a solution as written: the content of the last \\boxed{...} (braces matched), else of the
+    last '#### ...' line, else None."""
     start = text.rfind("\\boxed{")
     if start >= 0:
         depth, i = 1, start + len("\\boxed{")
         for j in range(i, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return normalize_answer(text[i:j])
+                return text[i:j]
         return None
     found = re.findall(r"####\s*([^\n]*)", text)
-    return normalize_answer(found[-1]) if found else None
+    return found[-1] if found else None
 
 
 def normalize_answer(answer):
     return answer.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
 
 
+def extract_answer(text):
+    """Final answer of a solution, normalised for exact comparison (None if it has none)."""
+    found = final_answer(text)
+    return normalize_answer(found) if found is not None else None
+
+
 def reference_answer(answer):
-    """Ground truth from a dataset answer: '#### n' or \\boxed{} when present, else the whole string."""
+    """Ground truth from a dataset answer: '#### n' or \\boxed{} when present, else the whole string; normalised."""
     extracted = extract_answer(answer)
     return extracted if extracted is not None else normalize_answer(answer)
+
+
+def is_correct(completion, reference, exact):
+    """
+    Whether a completion's final answer (its last \\boxed{} or '#### n'; none means wrong) equals the dataset answer
+    `reference` ('... #### n', a \\boxed{} solution, or the bare answer). exact: as normalised strings (the embedded
+    task). Otherwise with math-verify, as the paper checks: both parsed as LaTeX and compared symbolically, so \\frac12,
+    0.5 and \\dfrac{1}{2} agree, and \\text{5} equals 5. Anything math-verify cannot parse counts as wrong.
+    """
+    if exact:
+        return extract_answer(completion) == reference_answer(reference)
+    predicted = final_answer(completion)
+    if predicted is None or not predicted.strip():
+        return False
+    gold = final_answer(reference)
+    gold = reference if gold is None else gold
+    from math_verify import parse, verify
+    # math-verify bounds its work with SIGALRM, which only the main thread may set: elsewhere, no time limit
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        return bool(verify(parse(f"${gold}$", parsing_timeout=limit), parse(f"${predicted}$", parsing_timeout=limit),
+                           timeout_seconds=limit))
+    except Exception:  # noqa: BLE001 - a grader must never end an evaluation
+        return False

@@ -1,0 +1,115 @@
+"""Answer checking (exact for the embedded task, math-verify for real data) and loading of the training and held-out
+datasets from local folders and files written here."""
+import dataclasses
+import json
+import threading
+
+import pytest
+
+import config
+import math_data
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("so the answer is \\boxed{0.5}", "\\frac12"),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\text{5}}", "5"),
+    ("3+4=7, and 1230+4 = \\boxed{1,234}", "Natalia sold ...\n#### 1,234"),  # GSM8K gold, intermediate numbers
+    ("#### 1234", "\\boxed{1234}"),
+    ("\\boxed{(1,2)}", "(1, 2)"),
+    ("\\boxed{x^2+2x}", "x(x+2)"),
+])
+def test_math_verify_accepts_equal_answers_written_differently(completion, reference):
+    assert math_data.is_correct(completion, reference, exact=False)
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("\\boxed{4}", "3"),
+    ("maybe 3 apples", "3"),  # no final answer: math-verify alone would pick up the 3
+    ("", "3"),
+    ("\\boxed{}", "3"),
+    ("\\boxed{3", "3"),  # unclosed
+    ("#### 12", "#### 1,234"),
+])
+def test_math_verify_rejects_wrong_or_missing_answers(completion, reference):
+    assert not math_data.is_correct(completion, reference, exact=False)
+
+
+def test_exact_mode_is_string_equality_after_normalisation():
+    """The embedded task keeps exact match: 0.5 is not 1/2 there, while math-verify accepts it."""
+    assert math_data.is_correct("12+5=7;#### 17", "#### 17", exact=True)
+    assert not math_data.is_correct("#### 0.5", "1/2", exact=True)
+    assert math_data.is_correct("#### 0.5", "1/2", exact=False)
+
+
+def test_grader_errors_count_as_wrong(monkeypatch):
+    """An exception inside math-verify is a wrong answer, never a crashed evaluation."""
+    import math_verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("parser bug")
+    monkeypatch.setattr(math_verify, "verify", broken)
+    assert not math_data.is_correct("\\boxed{1}", "1", exact=False)
+
+
+def test_grading_works_off_the_main_thread():
+    """math-verify's time limit uses SIGALRM, which only the main thread may set; elsewhere it runs without one."""
+    results = []
+    worker = threading.Thread(target=lambda: results.append(math_data.is_correct("\\boxed{0.5}", "\\frac12", False)))
+    worker.start()
+    worker.join()
+    assert results == [True]
+
+
+def data_config(**values):
+    return dataclasses.replace(config.load_config([]), **values)
+
+
+@pytest.fixture
+def datasets_on_disk(tmp_path):
+    """A GSM8K-like save_to_disk folder (train/test) and a MATH-500-like .jsonl with other field names."""
+    from datasets import Dataset, DatasetDict
+    rows = lambda n, tag: {"question": [f"{tag} {i}?" for i in range(n)], "answer": [f"#### {i}" for i in range(n)]}
+    DatasetDict({"train": Dataset.from_dict(rows(10, "train")), "test": Dataset.from_dict(rows(6, "test"))}
+                ).save_to_disk(tmp_path / "gsm")
+    with open(tmp_path / "math500.jsonl", "w") as f:
+        f.writelines(json.dumps({"problem": f"p{i}", "solution": "...", "answer": f"\\frac{{{i}}}{{2}}"}) + "\n"
+                     for i in range(7))
+    return tmp_path
+
+
+def test_held_out_defaults_to_the_training_datasets_eval_split(datasets_on_disk):
+    train, held_out = math_data.load_splits(data_config(dataset=str(datasets_on_disk / "gsm"), eval_size=4))
+    assert len(train) == 10 and held_out["question"] == [f"test {i}?" for i in range(4)]
+    assert held_out.column_names == ["question", "answer"]
+
+
+def test_eval_dataset_with_its_own_split_and_fields(datasets_on_disk):
+    """eval_dataset replaces the held-out split; its fields are named separately; training keeps its whole split."""
+    cfg = data_config(dataset=str(datasets_on_disk / "gsm"), eval_dataset=str(datasets_on_disk / "math500.jsonl"),
+                      eval_split="train", eval_question_field="problem", eval_answer_field="answer", eval_size=5)
+    train, held_out = math_data.load_splits(cfg)
+    assert len(train) == 10 and train["question"][0] == "train 0?"
+    assert held_out["question"] == [f"p{i}" for i in range(5)] and held_out["answer"][1] == "\\frac{1}{2}"
+
+
+def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
+    cfg = data_config(dataset=str(datasets_on_disk / "gsm"), eval_dataset=str(datasets_on_disk / "gsm"),
+                      eval_split="test", eval_size=100)
+    assert len(math_data.load_splits(cfg)[1]) == 6
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"eval_dataset": "/no/such/data.jsonl"}, "error: eval_dataset: cannot load"),
+    ({"eval_dataset": "MATH500", "eval_split": "test"}, "error: eval_split: split 'test' not in"),
+    ({"eval_dataset": "MATH500", "eval_split": "train", "eval_question_field": "question"},
+     "error: eval_dataset: no field 'question'"),
+    ({"train_split": "nope"}, "error: train_split: split 'nope' not in"),
+])
+def test_data_errors_are_one_line_naming_the_key(datasets_on_disk, capsys, values, expected):
+    if values.get("eval_dataset") == "MATH500":
+        values["eval_dataset"] = str(datasets_on_disk / "math500.jsonl")
+    with pytest.raises(SystemExit):
+        math_data.load_splits(data_config(dataset=str(datasets_on_disk / "gsm"), **values))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err

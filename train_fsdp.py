@@ -236,6 +236,10 @@ class FSDP(small.SingleDevice):
 
 
 def main():
+    if "--plan" in sys.argv[1:]:  # memory per GPU from the configs alone: no process group, no GPU
+        import memory_plan
+        memory_plan.main(sys.argv[1:])
+        return
     cfg = load_config(sys.argv[1:])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -79,6 +79,8 @@ class Config:
     batch_size: int = key("prompts per step", at_least(1))
     rollouts_per_prompt: int = key("rollouts sampled per prompt (paper: 4)", at_least(1))
     max_new_tokens: int = key("completion length limit of training rollouts (paper: 7168)", at_least(1))
+    stop_check_every: int = key("decoding asks whether every row (under FSDP: every rank's) is done every this many "
+                                "tokens; each ask is a host sync and an all-reduce", at_least(1))
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))
     micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "

@@ -160,7 +160,7 @@ class FSDP(small.SingleDevice):
         blended_generate's stop rule under FSDP, and the one trap of lockstep decoding: a rank whose rows have all hit
         EOS must keep decoding (padding) until every rank's rows have, because each forward call of an FSDP module may
         all-gather, and a rank that stops early leaves the others waiting in that collective forever. MIN over ranks
-        of "all my rows are done"; one 1-element all-reduce per token, far cheaper than the forwards.
+        of "all my rows are done"; one 1-element all-reduce, asked every stop_check_every tokens.
         """
         flag = done.all().to(torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)

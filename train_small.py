@@ -157,6 +157,7 @@ class SingleDevice:
 
     def __init__(self, cfg=None):
         self.dtype = device_and_dtype(cfg)[1] if cfg is not None else torch.float32
+        self.stop_check_every = cfg.stop_check_every if cfg is not None else 1  # tokens between "all done?" checks
         self._decoding_copy = None
 
     @property
@@ -258,7 +259,8 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
     rows_per_call = rows_per_call or input_ids.shape[0]
     with runtime.gathered(student, teacher):
         parts = [trb.blended_generate(student, teacher, input_ids[i:i + rows_per_call],
-                                      attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished, **kwargs)
+                                      attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
+                                      stop_check_every=runtime.stop_check_every, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
     return trb.Rollout.cat(parts, kwargs.get("pad_token_id"))
 
@@ -414,7 +416,8 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
                                                    max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
                                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                    generator=generator, vocab_size=len(tokenizer),
-                                                   all_finished=runtime.all_finished)
+                                                   all_finished=runtime.all_finished,
+                                                   stop_check_every=runtime.stop_check_every)
                 texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
                 for j, text in enumerate(texts):
                     problem, counted = rows[i + j // n]

@@ -512,7 +512,7 @@ def skd_token_rule(top_k, teacher_temperature):
 @torch.no_grad()
 def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
                      eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
-                     all_finished=None):
+                     all_finished=None, stop_check_every=1):
     """
     E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
     mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
@@ -524,12 +524,16 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     pad_token_id after it. token_rule: how a token is chosen from the two models' (B, V) logits, default
     blend_token_rule (see skd_token_rule for another). vocab_size: the shared tokenizer range; padded head rows
     beyond it are never sampled (default: the narrower head). all_finished: callable(done (B,) bool) -> bool that
-    decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py).
+    decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py). stop_check_every: ask it only
+    every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
+    pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
     token_rule = token_rule or blend_token_rule
     use_teacher = eps > 0 or token_rule is not blend_token_rule
     if use_teacher and teacher is None:
@@ -574,7 +578,8 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
             columns[name].append(step[name])
         if eos_ids:
             done = done | torch.isin(token, eos)
-        if len(columns["tokens"]) == max_new_tokens or all_finished(done):
+        n = len(columns["tokens"])
+        if n == max_new_tokens or (n % stop_check_every == 0 and all_finished(done)):
             break
         # 3. Feed the token to both caches.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)

@@ -123,6 +123,19 @@ def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
     assert relative_weight_error(weights(runs / "small_chunked"), weights(runs / "fsdp_chunked")) <= RELATIVE
 
 
+def test_stop_check_every_k_tokens_leaves_training_unchanged(runs):
+    """
+    Asking "are all ranks done?" every 16 tokens (the presets' value) instead of every token (the module's runs)
+    decodes up to 15 more padding steps and gives the same run: the extra steps are masked out and each loss
+    micro-batch is trimmed to its own rows, so the losses, gradient norms and weights agree (measured: identical).
+    """
+    run(fsdp_command(runs / "fsdp_every_token", runs / "cache", "--checkpoint_every=0", "--stop_check_every=16"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    for a, b in zip(strip(metrics(runs / "fsdp")), strip(metrics(runs / "fsdp_every_token")), strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * abs(a[k]) for k in a), (a, b)
+    assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "fsdp_every_token")) <= 1e-6
+
+
 def test_hsdp_and_activation_checkpointing_reproduce_single_process(runs):
     """HSDP on a 2-D mesh (hsdp_shard_size=1: two replicas of one shard each, gradients all-reduced across them) with
     per-layer activation checkpointing of the student: train_small.py's losses and weights within 1e-4."""

@@ -308,3 +308,29 @@ def test_bf16_models_and_empty_completions_stay_finite():
     logits = torch.randn(ids.shape[0], 0, VOCAB, requires_grad=True)
     loss = trb.opd_loss(logits, logits.detach(), empty.completion_mask)
     assert loss.item() == 0.0
+
+
+def test_stop_checked_every_k_tokens_only_adds_masked_padding():
+    """stop_check_every=4 asks all_finished every 4 tokens: it decodes up to 3 tokens more than asking every token,
+    and those are padding outside completion_mask; the columns they share are equal (the same ops on the same values,
+    greedy), so nothing the loss or the metrics read changes."""
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2)
+    ids, mask = left_padded_prompts()
+    asks = []
+
+    def run(k):
+        asks.clear()
+        return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=20, temperature=0.0,
+                                    eos_token_id=list(range(1, 40)), pad_token_id=PAD, stop_check_every=k,
+                                    all_finished=lambda done: asks.append(1) or bool(done.all()))
+    every, (k4, k4_asks) = run(1), (run(4), len(asks))
+    n1, n4 = every.completion_mask.shape[1], k4.completion_mask.shape[1]
+    assert n1 < 20 and n4 == min(-(-n1 // 4) * 4, 20) and k4_asks == n4 // 4  # rows stop early; asked every 4
+    P = ids.shape[1]
+    assert torch.equal(k4.sequences[:, :P + n1], every.sequences)
+    assert torch.equal(k4.completion_mask[:, :n1], every.completion_mask)
+    assert not k4.completion_mask[:, n1:].any() and bool((k4.sequences[:, P + n1:] == PAD).all())
+    for name in ("beta", "behavior_logprobs", "teacher_logprobs"):
+        torch.testing.assert_close(getattr(k4, name)[:, :n1], getattr(every, name), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError):
+        run(0)

@@ -79,11 +79,11 @@ class _Blend:
     form with a max shift and float64 accumulators.
     """
 
-    def __init__(self, log_ps, r, ps, mass, ps_moments):
+    def __init__(self, log_ps, r, ps, mass, ps_moments, work, scratch):
         self.log_ps, self.r, self.ps = log_ps, r, ps  # (B, V) log pi_S, r = log pi_T - log pi_S (centred), pi_S
         self.mass, self.ps_moments = mass, ps_moments  # (B,) pi_S mass on the joint support; sum pi_S r^2, r^3
         self.r_max = r.amax(dim=-1)  # (B,)
-        self.work, self.scratch = torch.empty_like(r), torch.empty_like(r)  # (B, V) reused by every evaluation
+        self.work, self.scratch = work, scratch  # (B, V) reused by every evaluation
 
     def __call__(self, beta):
         """Returns A(beta) - log(mass) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,)."""
@@ -130,6 +130,20 @@ def solve_beta_bisect(student_logits, teacher_logits, eps, iters=50):
     return torch.where(eps == 0, 0.0, beta)  # eps = 0 is pi_S itself, even where the models agree
 
 
+_WORKSPACE = {}
+
+
+def _workspace(shape, dtype, device):
+    """solve_beta's five (B, V) buffers, kept from one call to the next (for one shape at a time, as a decode loop
+    calls it; so solve_beta is not reentrant across threads). Allocating them anew would make the solver's speed depend on the allocator's history: a fresh glibc
+    process maps and faults in every block this large, a warm one reuses its heap (2x apart on a CPU)."""
+    key = (tuple(shape), dtype, device)
+    if key not in _WORKSPACE:
+        _WORKSPACE.clear()
+        _WORKSPACE[key] = [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
+    return _WORKSPACE[key]
+
+
 @torch.no_grad()
 def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     """
@@ -159,14 +173,15 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
 
     # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
-    log_ps = torch.log_softmax(s, dim=-1)  # (B, V)
-    r = torch.log_softmax(t, dim=-1).sub_(log_ps)  # (B, V) normalised first: raw t - s loses digits at |logit| ~ 1e3
-    ps = torch.exp(log_ps)  # (B, V)
+    log_ps, r, ps, work, scratch = _workspace(s.shape, dtype, s.device)  # (B, V) each, overwritten here
+    torch.log_softmax(s, dim=-1, out=log_ps)
+    torch.log_softmax(t, dim=-1, out=r).sub_(log_ps)  # normalised first: raw t - s loses digits at |logit| ~ 1e3
+    torch.exp(log_ps, out=ps)
     # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6 (0.5% of a KL of 1e-3), so every A(beta)
     # is taken relative to pi_S's measured mass.
     mass = ps.sum(dim=-1)  # (B,) pi_S mass on the joint support (here: all of it)
     log_norm = torch.log(mass)  # (B,)
-    mean0 = torch.mul(ps, r).sum(dim=-1)  # (B,) mass * E_{pi_S}[r]
+    mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)  # (B,) mass * E_{pi_S}[r]
     if not bool(torch.isfinite(mean0).all()):  # a token has probability 0 under one model: restrict to the joint
         log_ps, r = _blend_terms(s, t)  # support (rare, so the common path skips the masks)
         ps = torch.exp(log_ps)
@@ -175,9 +190,9 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     a0 = torch.log(mass) - log_norm  # A(0+); KL(0+) = -A(0+), exactly 0 when the supports agree
     # Centre r under pi_S (a per-row shift the blend ignores) so that beta E_mu[r] and A(beta) stay small.
     r.sub_((mean0 / mass).unsqueeze(-1))
-    _, second, third = _weighted_moments(ps, r, torch.empty_like(r))
+    _, second, third = _weighted_moments(ps, r, scratch)
     var0, skew0 = second / mass, third / mass  # (B,) sigma^2 and kappa_3 of r under pi_S
-    blend = _Blend(log_ps, r, ps, mass, (second, third))
+    blend = _Blend(log_ps, r, ps, mass, (second, third), work, scratch)
     done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
     one = ~done & torch.isinf(eps)
     beta_star[one] = 1.0

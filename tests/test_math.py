@@ -389,3 +389,16 @@ def test_chunked_loss_computes_logits_in_float32_under_autocast():
     (grad,) = torch.autograd.grad(loss, hs)
     assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_solver_workspace_is_not_aliased_between_calls():
+    """solve_beta reuses its (B, V) buffers from call to call: a result never changes when a later call overwrites
+    them, and calls on another shape in between change nothing (the same ops on the same values: exact)."""
+    g = torch.Generator().manual_seed(3)
+    s1, t1, s2, t2 = (torch.randn(4, 300, generator=g) * 3 for _ in range(4))
+    first = trb.solve_beta(s1, t1, 0.05)
+    kept = first.clone()
+    second = trb.solve_beta(s2, t2, 0.05)
+    trb.solve_beta(torch.randn(2, 50, generator=g), torch.randn(2, 50, generator=g), 0.05)  # another shape
+    assert torch.equal(first, kept) and torch.equal(trb.solve_beta(s1, t1, 0.05), kept)
+    assert torch.equal(trb.solve_beta(s2, t2, 0.05), second) and not torch.equal(first, second)

@@ -389,7 +389,8 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     eval_batch_size rows per call up to eval_max_new_tokens. Answers are checked with math-verify on real data and by
     exact match on the embedded task. Under FSDP each rank decodes its share of the problems in lockstep with the
     others (the same number of calls, each stopping when every rank's rows are done; a rank with fewer problems pads
-    its last call with uncounted ones), so no rank waits for another longer than one token; the counts are summed.
+    its last call with uncounted ones), so no rank waits for another longer than stop_check_every tokens take; the
+    counts are summed.
     """
     runtime = runtime or SingleDevice()
     device = next(model.parameters()).device

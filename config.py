@@ -81,6 +81,10 @@ class Config:
     max_new_tokens: int = key("completion length limit of training rollouts (paper: 7168)", at_least(1))
     stop_check_every: int = key("decoding asks whether every row (under FSDP: every rank's) is done every this many "
                                 "tokens; each ask is a host sync and an all-reduce", at_least(1))
+    cache: str = key("KV caches of rollouts and evaluation: dynamic (grown per token) or static (preallocated, needed "
+                     "by compile)", one_of("dynamic", "static"))
+    compile: bool = key("torch.compile the per-token decode step (both forwards and the token rule; CUDA graphs on a "
+                        "GPU); needs cache static")
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))
     micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "
@@ -254,6 +258,8 @@ def load_config(argv):
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
+    if cfg.compile and cfg.cache != "static":
+        die(f"compile: true needs cache: static, got cache: {cfg.cache}")
     if not synthetic and Path(path).resolve() == DEFAULT_PATH.resolve():
         die(f"student: {cfg.student!r} is a real model, but {DEFAULT_PATH.name} holds the embedded task's settings (lr "
             f"{cfg.lr:g}, max_new_tokens {cfg.max_new_tokens}); start from a preset, e.g. "

@@ -157,7 +157,9 @@ class SingleDevice:
 
     def __init__(self, cfg=None):
         self.dtype = device_and_dtype(cfg)[1] if cfg is not None else torch.float32
-        self.stop_check_every = cfg.stop_check_every if cfg is not None else 1  # tokens between "all done?" checks
+        # blended_generate's decoding options: tokens between "all done?" checks, KV cache kind, compiled step
+        self.decoding = (dict(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
+                         if cfg is not None else {})
         self._decoding_copy = None
 
     @property
@@ -260,7 +262,7 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
     with runtime.gathered(student, teacher):
         parts = [trb.blended_generate(student, teacher, input_ids[i:i + rows_per_call],
                                       attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
-                                      stop_check_every=runtime.stop_check_every, **kwargs)
+                                      **runtime.decoding, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
     return trb.Rollout.cat(parts, kwargs.get("pad_token_id"))
 
@@ -392,7 +394,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     its last call with uncounted ones), so no rank waits for another longer than stop_check_every tokens take; the
     counts are summed.
     """
-    runtime = runtime or SingleDevice()
+    runtime = runtime or SingleDevice(cfg)
     device = next(model.parameters()).device
     eos_ids = eos_ids or [tokenizer.eos_token_id]
     generator = torch.Generator(device).manual_seed(seed)  # own generator: evaluation never shifts training RNG
@@ -417,8 +419,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
                                                    max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
                                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                    generator=generator, vocab_size=len(tokenizer),
-                                                   all_finished=runtime.all_finished,
-                                                   stop_check_every=runtime.stop_check_every)
+                                                   all_finished=runtime.all_finished, **runtime.decoding)
                 texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
                 for j, text in enumerate(texts):
                     problem, counted = rows[i + j // n]

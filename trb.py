@@ -18,6 +18,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -86,14 +87,25 @@ class _Blend:
         self.work, self.scratch = work, scratch  # (B, V) reused by every evaluation
 
     def __call__(self, beta):
-        """Returns A(beta) - log(mass) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,)."""
-        if bool((beta * self.r_max <= 60).all()):
-            weights = torch.mul(self.r, beta.unsqueeze(-1), out=self.work).exp_().sub_(1.0).mul_(self.ps)  # (B, V)
-            excess = weights.sum(dim=-1)  # (B,) Z - mass
-            first, second, third = _weighted_moments(weights, self.r, self.scratch)  # E_S[r] = 0: excess part only
-            z = self.mass + excess
-            return (torch.log1p(excess / self.mass), first / z, (self.ps_moments[0] + second) / z,
-                    (self.ps_moments[1] + third) / z)
+        """Returns A(beta) - log(mass) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,). Each row takes the relative form
+        unless exp(beta r) could overflow there; both are computed and picked per row, except where reading the
+        choice costs no device sync (see _reads_are_free) and one form serves every row."""
+        relative = beta * self.r_max <= 60  # (B,)
+        if _reads_are_free(relative) and bool(relative.all()):
+            return self._relative(beta)
+        if _reads_are_free(relative) and not bool(relative.any()):
+            return self._log_space(beta)
+        return tuple(torch.where(relative, x, y) for x, y in zip(self._relative(beta), self._log_space(beta)))
+
+    def _relative(self, beta):
+        weights = torch.mul(self.r, beta.unsqueeze(-1), out=self.work).exp_().sub_(1.0).mul_(self.ps)  # (B, V)
+        excess = weights.sum(dim=-1)  # (B,) Z - mass
+        first, second, third = _weighted_moments(weights, self.r, self.scratch)  # E_S[r] = 0: excess part only
+        z = self.mass + excess
+        return (torch.log1p(excess / self.mass), first / z, (self.ps_moments[0] + second) / z,
+                (self.ps_moments[1] + third) / z)
+
+    def _log_space(self, beta):
         w = torch.addcmul(self.log_ps, beta.unsqueeze(-1), self.r, out=self.work)  # (B, V) log of unnormalised mu
         w_max = w.amax(dim=-1, keepdim=True)  # (B, 1)
         e = w.sub_(w_max).exp_()  # (B, V) mu_beta * Z / exp(w_max)
@@ -103,6 +115,17 @@ class _Blend:
         third = self.scratch.mul_(self.r).sum(dim=-1) / z.to(e.dtype)
         a = w_max.squeeze(-1) + torch.log(z) - torch.log(self.mass)
         return a.to(e.dtype), first.to(e.dtype), second, third
+
+
+def _reads_are_free(x):
+    """
+    Whether the host may read x's values without stalling a device: x is on the CPU (the host is the device) and no
+    torch.compile trace is running. The token rule is fixed-shape tensor code with masked updates, so on a GPU it never
+    waits for the device and compiles without a graph break; where reads are free it skips work whose result every
+    row would mask out (a finished solve's iterations, a form no row needs). The result is the same either way: the
+    skipped work changes no value that is returned.
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @torch.no_grad()
@@ -137,6 +160,8 @@ def _workspace(shape, dtype, device):
     """solve_beta's five (B, V) buffers, kept from one call to the next (for one shape at a time, as a decode loop
     calls it; so solve_beta is not reentrant across threads). Allocating them anew would make the solver's speed depend on the allocator's history: a fresh glibc
     process maps and faults in every block this large, a warm one reuses its heap (2x apart on a CPU)."""
+    if torch.compiler.is_compiling():  # a compiled solve plans its own buffers
+        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
     key = (tuple(shape), dtype, device)
     if key not in _WORKSPACE:
         _WORKSPACE.clear()
@@ -160,15 +185,20 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     of the blend (see _Blend) after pi_S's own moments.
     eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in the logits' float dtype
     (float32 for bf16/fp16 input). Rows whose supports are disjoint get beta* = 0 (no blend exists).
+    Fixed-shape code: max_iter masked iterations, and a row that has stopped keeps its value, so nothing waits for a
+    GPU and torch.compile traces it whole; a row still open after max_iter returns the feasible end of its bracket.
+    A bad eps raises where it can be read for free (a float, a CPU tensor); elsewhere its rows get NaN.
     """
     dtype = _compute_dtype(student_logits)
     batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
+    if not torch.is_tensor(eps) and not eps >= 0:  # a Python number is checked for free
+        raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
     eps = torch.as_tensor(eps, dtype=dtype, device=student_logits.device).expand(batch_shape).reshape(-1)  # (B,)
-    if bool((eps < 0).any()) or bool(eps.isnan().any()):
+    free = _reads_are_free(eps)  # see _reads_are_free: on a GPU, nothing below waits for the device
+    if free and not bool((eps >= 0).all()):
         raise ValueError("eps must be >= 0 (inf allowed)")
-    beta_star = torch.zeros_like(eps)  # (B,)
-    if bool((eps == 0).all()):
-        return beta_star.reshape(batch_shape)  # mu* = pi_S: nothing to solve
+    if free and bool((eps == 0).all()):
+        return torch.zeros_like(eps).reshape(batch_shape)  # mu* = pi_S: nothing to solve
     s = student_logits.reshape(-1, V).to(dtype)  # (B, V)
     t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
 
@@ -179,14 +209,14 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     torch.exp(log_ps, out=ps)
     # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6 (0.5% of a KL of 1e-3), so every A(beta)
     # is taken relative to pi_S's measured mass.
-    mass = ps.sum(dim=-1)  # (B,) pi_S mass on the joint support (here: all of it)
+    mass = ps.sum(dim=-1)  # (B,) pi_S mass on the joint support (so far: all of it)
     log_norm = torch.log(mass)  # (B,)
-    mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)  # (B,) mass * E_{pi_S}[r]
-    if not bool(torch.isfinite(mean0).all()):  # a token has probability 0 under one model: restrict to the joint
-        log_ps, r = _blend_terms(s, t)  # support (rare, so the common path skips the masks)
-        ps = torch.exp(log_ps)
+    mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)  # (B,) mass * E_{pi_S}[r]; not finite iff a token is off the
+    if not (free and bool(torch.isfinite(mean0).all())):  # joint support (probability 0 under one model)
+        off = ~torch.isfinite(r)  # (B, V) +inf: student zero; -inf: teacher zero; NaN: both
+        log_ps.masked_fill_(off, -math.inf), r.masked_fill_(off, 0.0), ps.masked_fill_(off, 0.0)
         mass = ps.sum(dim=-1)
-        mean0 = torch.mul(ps, r).sum(dim=-1)
+        mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)
     a0 = torch.log(mass) - log_norm  # A(0+); KL(0+) = -A(0+), exactly 0 when the supports agree
     # Centre r under pi_S (a per-row shift the blend ignores) so that beta E_mu[r] and A(beta) stay small.
     r.sub_((mean0 / mass).unsqueeze(-1))
@@ -195,8 +225,8 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     blend = _Blend(log_ps, r, ps, mass, (second, third), work, scratch)
     done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
     one = ~done & torch.isinf(eps)
-    beta_star[one] = 1.0
-    done |= one
+    beta_star = torch.where(one, 1.0, torch.zeros_like(eps))  # (B,) final for every row that is done
+    done = done | one
 
     # Initial guess: KL = sigma^2 beta^2 / 2 + kappa_3 beta^3 / 3 + O(beta^4).
     beta = torch.sqrt(2 * eps / var0)  # (B,) the small-budget guess
@@ -205,20 +235,20 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     lo, hi = torch.zeros_like(beta), torch.ones_like(beta)  # KL(lo) <= eps < KL(hi) once hi_known
     hi_known = torch.zeros_like(done)
     sqrt_eps = torch.sqrt(eps)
+    # max_iter masked iterations: a row that is done keeps its beta_star. Where reads are free, the loop ends once
+    # every row is done; the rest would change nothing.
     for _ in range(max_iter):
-        if bool(done.all()):
+        if free and bool(done.all()):
             break
         a, m1, m2, m3 = blend(beta)
         kl = (beta * m1 - (a + a0)).clamp_min(0.0)  # KL(mu_beta || pi_S), A taken relative to pi_S
         accept = ~done & (((kl - eps).abs() <= tol * eps) | ((beta == 1.0) & (kl <= eps)))
-        beta_star[accept] = beta[accept]
-        done |= accept
+        beta_star, done = torch.where(accept, beta, beta_star), done | accept
         feasible = kl <= eps
         lo, hi = torch.where(feasible, beta, lo), torch.where(feasible, hi, beta)
-        hi_known |= ~feasible
+        hi_known = hi_known | ~feasible
         narrow = ~done & (hi - lo < 1e-7)
-        beta_star[narrow] = lo[narrow]
-        done |= narrow
+        beta_star, done = torch.where(narrow, lo, beta_star), done | narrow
         # Halley on g = sqrt(KL) - sqrt(eps): g' = KL' / (2 sqrt KL), g'' = KL'' / (2 sqrt KL) - KL'^2 / (4 KL^1.5).
         var = (m2 - m1 * m1).clamp_min(0.0)
         skew = m3 - 3 * m1 * m2 + 2 * m1 ** 3
@@ -232,11 +262,10 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
         inside = torch.isfinite(new) & (new > lo) & ((new < hi) | (~hi_known & (new == 1.0)))
         near = (kl - eps).abs() <= 0.05 * eps  # guards steep KL curves, where a small step proves nothing
         converged = ~done & inside & near & (step.abs() <= 0.02 * beta) & (new < 1.0)
-        beta_star[converged] = new[converged]
-        done |= converged
+        beta_star, done = torch.where(converged, new, beta_star), done | converged
         beta = torch.where(inside, new, (lo + hi) / 2)
-    beta_star[~done] = lo[~done]
-    return beta_star.reshape(batch_shape)
+    beta_star = torch.where(done, beta_star, lo)  # out of iterations: the feasible end of the bracket
+    return torch.where(eps >= 0, beta_star, math.nan).reshape(batch_shape)  # NaN for a bad eps where not checked
 
 
 def blend_logprobs(student_logits, teacher_logits, beta):
@@ -251,8 +280,8 @@ def blend_logprobs(student_logits, teacher_logits, beta):
     log_mu = torch.log_softmax(w, dim=-1)  # (..., V)
     # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support. Those rows are
     # log_softmax(student) as computed here, not normalised a second time: equal to pi_S by construction, on any CPU.
-    fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))
-    if bool(fallback.any()):
+    fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))  # (...)
+    if not _reads_are_free(fallback) or bool(fallback.any()):
         pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
         log_mu = torch.where(fallback.unsqueeze(-1), pure_student, log_mu)
     return log_mu
@@ -474,30 +503,42 @@ def canonicalise_eos(logits, eos_ids):
     return logits
 
 
-def _sample(log_probs, greedy, generator):
-    """(B, V) log-probabilities -> (B,) token ids: argmax when greedy, else one multinomial draw per row."""
-    if greedy:
+def _sample(log_probs, noise):
+    """
+    (B, V) log-probabilities -> (B,) token ids: the argmax when noise is None (greedy), else an exact draw by the
+    exponential race argmax_a log p(a) - log E(a) with E (B, V) ~ Exp(1), the Gumbel-max trick. The caller draws E,
+    so a compiled token rule holds no random op and a seeded generator reproduces a run.
+    """
+    if noise is None:
         return log_probs.argmax(dim=-1)
-    return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+    return (log_probs - noise.log()).argmax(dim=-1)
 
 
-def blend_token_rule(student_logits, teacher_logits, eps, greedy, generator):
+SOLVE_MAX_ITER = 50  # the token rule's solver iterations (a compiled step unrolls them all)
+
+
+def blend_token_rule(student_logits, teacher_logits, eps, noise):
     """
     The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None when
-    eps = 0 (pure student). A token rule returns a dict of (B,) tensors: `token` and the Rollout fields `beta`,
-    `behavior_logprobs` (log mu(token)), `realised_kl` (KL(mu || pi_S)) and `replaced`.
+    eps = 0 (pure student). eps: a float or a 0-d tensor. noise: None (greedy) or (draws, B, V) Exp(1) draws, where
+    draws is the rule's `draws` attribute. A token rule returns a dict of (B,) tensors: `token` and the Rollout fields
+    `beta`, `behavior_logprobs` (log mu(token)), `realised_kl` (KL(mu || pi_S)) and `replaced`. It is fixed-shape
+    tensor code with no host synchronisation (see _reads_are_free), so torch.compile traces it whole.
     """
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)
         log_mu, kl = log_ps, torch.zeros_like(beta)
     else:
-        beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
+        beta = solve_beta(student_logits, teacher_logits, eps, max_iter=SOLVE_MAX_ITER)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
         kl = _kl(log_mu, log_ps)
-    token = _sample(log_mu, greedy, generator)  # (B,)
+    token = _sample(log_mu, None if noise is None else noise[0])  # (B,)
     return dict(token=token, beta=beta, behavior_logprobs=log_mu.gather(-1, token[:, None]).squeeze(-1),
                 realised_kl=kl, replaced=torch.zeros_like(token, dtype=torch.bool))
+
+
+blend_token_rule.draws = 1
 
 
 def skd_token_rule(top_k, teacher_temperature):
@@ -507,13 +548,13 @@ def skd_token_rule(top_k, teacher_temperature):
     temperature). The behavior distribution is known exactly:
         q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a).
     """
-    def rule(student_logits, teacher_logits, eps, greedy, generator):
+    def rule(student_logits, teacher_logits, eps, noise):
         log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
         log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
         top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
         in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, top, True)  # (B, V)
-        proposal = _sample(log_ps, greedy, generator)  # (B,)
-        fresh = _sample(log_pt_tau, greedy, generator)  # (B,)
+        proposal = _sample(log_ps, None if noise is None else noise[0])  # (B,)
+        fresh = _sample(log_pt_tau, None if noise is None else noise[1])  # (B,)
         keep = in_top.gather(-1, proposal[:, None]).squeeze(-1)  # (B,)
         token = torch.where(keep, proposal, fresh)
         log_outside = torch.logsumexp(log_ps.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)  # (B, 1)
@@ -521,13 +562,61 @@ def skd_token_rule(top_k, teacher_temperature):
         return dict(token=token, beta=torch.zeros_like(log_ps[:, 0]),
                     behavior_logprobs=log_q.gather(-1, token[:, None]).squeeze(-1), realised_kl=_kl(log_q, log_ps),
                     replaced=~keep)
+    rule.draws = 2  # the proposal and the teacher's replacement
     return rule
+
+
+def _next_logits(model, ids, mask, positions, cache, vocab_size, tau, eos_ids):
+    """One forward of a model with its KV cache: (B, V) logits of the last position, on the shared tokenizer range,
+    divided by the temperature, EOS ids merged; the cache is updated (a static one in place)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    logits = out.logits[:, -1, :vocab_size].float() / tau  # (B, V)
+    return canonicalise_eos(logits, eos_ids), out.cache
+
+
+def _pick(logits, eps, noise, token_rule):
+    """The token rule on the (B, V) logits of the models (student first), plus the teacher's view of the token."""
+    student_logits, teacher_logits = logits[0], (logits[1] if len(logits) > 1 else None)
+    step = token_rule(student_logits, teacher_logits, eps, noise)
+    if teacher_logits is not None:
+        log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (B, V)
+        step["teacher_logprobs"] = log_pt.gather(-1, step["token"][:, None]).squeeze(-1)
+        step["teacher_entropy"] = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
+    else:
+        step["teacher_logprobs"] = step["teacher_entropy"] = torch.full_like(step["beta"], math.nan)
+    return step
+
+
+def _decode_step(models, caches, token, mask, positions, eps, noise, token_rule, vocab_size, tau, eos_ids):
+    """The per-token step after the prefill: feed each model its newest token, then pick the next one."""
+    logits = [_next_logits(m, token[:, None], mask, positions, c, vocab_size, tau, eos_ids)[0]
+              for m, c in zip(models, caches)]
+    return _pick(logits, eps, noise, token_rule)
+
+
+_COMPILED_STEP = {}  # mode -> the compiled _decode_step (torch.compile recompiles it for new shapes)
+_STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> (batch size, length, its StaticCache), reused across calls
+CACHE_BUCKET = 256  # static caches hold prompt + max_new_tokens rounded up to this: few shapes, few recompiles
+
+
+def _static_cache(model, batch_size, length):
+    """A StaticCache for model, reset and reused while batch size and length stay the same: a compiled step, and CUDA
+    graphs above all, are specialised to the cache's buffers, so new buffers would mean a new compile or capture."""
+    from transformers import StaticCache
+    kept = _STATIC_CACHES.get(model)
+    if kept is not None and kept[:2] == (batch_size, length):
+        kept[2].reset()
+        return kept[2]
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    _STATIC_CACHES[model] = (batch_size, length, cache)
+    return cache
 
 
 @torch.no_grad()
 def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
                      eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
-                     all_finished=None, stop_check_every=1):
+                     all_finished=None, stop_check_every=1, cache="dynamic", compile=False):
     """
     E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
     mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
@@ -542,6 +631,10 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py). stop_check_every: ask it only
     every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
     pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
+    cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
+    preallocated for the prompt plus max_new_tokens rounded up to CACHE_BUCKET, reused across calls). compile: compile the
+    per-token step (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the
+    static cache. Sampling noise is drawn outside the compiled step, from generator.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
@@ -549,6 +642,10 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if stop_check_every < 1:
         raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static' (a growing cache changes shape at every token)")
     token_rule = token_rule or blend_token_rule
     use_teacher = eps > 0 or token_rule is not blend_token_rule
     if use_teacher and teacher is None:
@@ -558,47 +655,53 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         raise ValueError("pad_token_id is needed to pad rows that stop at EOS")
     all_finished = all_finished or (lambda done: bool(done.all()))
     greedy, tau = temperature == 0, (temperature or 1.0)
-    B, device = input_ids.shape[0], input_ids.device
+    (B, P), device = input_ids.shape, input_ids.device
     models = [student] + ([teacher] if use_teacher else [])
     if vocab_size is None:
         vocab_size = min(m.get_output_embeddings().weight.shape[0] for m in models)
-
-    def next_logits(model, ids, mask, cache):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :vocab_size].float() / tau  # (B, V) the shared tokenizer range only
-        return canonicalise_eos(logits, eos_ids), out.past_key_values
+    draws = getattr(token_rule, "draws", 1)
+    noise = lambda: None if greedy else torch.empty(draws, B, vocab_size, device=device).exponential_(
+        generator=generator)  # (draws, B, V) Exp(1), drawn in a fixed order: a seeded run is reproducible
+    eps_t = torch.tensor(float(eps), device=device)  # a tensor, so a compiled step is not specialised to its value
+    step_fn = _decode_step
+    if compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs replay the whole step
+        if mode not in _COMPILED_STEP:
+            _COMPILED_STEP[mode] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+        step_fn = _COMPILED_STEP[mode]
 
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
-    mask = attention_mask.clone()  # (B, P+n) grows by one column per step
-    logits, caches = zip(*(next_logits(m, input_ids, mask, None) for m in models))
+    if cache == "static":  # fixed shapes: the mask covers the whole cache (future columns are causally masked)
+        length = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        caches = [_static_cache(m, B, length) for m in models]
+        mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - P)], dim=-1)  # (B, L)
+    else:
+        caches, mask = [None] * len(models), attention_mask.clone()  # (B, P+n) grows by one column per step
+    prefill = [_next_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size, tau, eos_ids)
+               for m, c in zip(models, caches)]
+    logits, caches = [x[0] for x in prefill], [x[1] for x in prefill]
+    positions = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) the next token's position in each row
+    step = _pick(logits, eps_t, noise(), token_rule)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that have emitted EOS
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (E,)
     columns = {name: [] for name in ROLLOUT_COLUMNS}  # per step, one (B,) tensor for each (B, N) Rollout field
-    for _ in range(max_new_tokens):
-        # 2. Blend and sample: the token rule sees both models' (B, V) logits.
-        student_logits, teacher_logits = logits[0], (logits[1] if use_teacher else None)
-        step = token_rule(student_logits, teacher_logits, eps, greedy, generator)
+    for n in range(1, max_new_tokens + 1):
+        # 2. The step's token (drawn by the token rule from both models' logits), masked after EOS.
         token = step.pop("token")  # (B,)
-        if use_teacher:
-            log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (B, V)
-            step["teacher_logprobs"] = log_pt.gather(-1, token[:, None]).squeeze(-1)
-            step["teacher_entropy"] = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
-        else:
-            step["teacher_logprobs"] = step["teacher_entropy"] = torch.full_like(step["beta"], math.nan)
         if eos_ids:
             token = token.masked_fill(done, pad_token_id)
         step.update(tokens=token, completion_mask=~done)
         for name in ROLLOUT_COLUMNS:
-            columns[name].append(step[name])
+            columns[name].append(step[name].clone() if compile else step[name])  # CUDA graphs reuse their outputs
         if eos_ids:
             done = done | torch.isin(token, eos)
-        n = len(columns["tokens"])
         if n == max_new_tokens or (n % stop_check_every == 0 and all_finished(done)):
             break
-        # 3. Feed the token to both caches.
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits, caches = zip(*(next_logits(m, token[:, None], mask, c) for m, c in zip(models, caches)))
+        # 3. Feed the token to both caches and pick the next one.
+        if cache == "dynamic":
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        step = step_fn(models, caches, token, mask, positions, eps_t, noise(), token_rule, vocab_size, tau, eos_ids)
+        positions = positions + 1
     # 4. Stack each column into a (B, N) tensor (N = 0: an empty one of the field's dtype).
     stacked = {name: torch.stack(column, dim=1) if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
                                                                            device=device)

@@ -52,6 +52,8 @@ def error_line(capsys, argv):
     (["--max_steps=ten"], "max_steps"),
     (["--resume=maybe"], "resume"),
     (["--dtype=float16"], "dtype"),
+    (["--cache=paged"], "cache"),
+    (["--compile=true"], "compile"),  # needs cache: static
     (["--learning_rate=0.1"], "learning_rate"),
     (["--student=/does/not/exist"], "student"),
     (["--teacher=./no_such_teacher"], "teacher"),

@@ -122,7 +122,7 @@ def test_loss_forwards_keep_no_cache_and_no_per_layer_hidden_states():
         reference = model(input_ids=sequences, attention_mask=mask, output_hidden_states=True)
     for kwargs, out in seen[:2]:  # the two loss forwards (not the reference)
         assert kwargs["use_cache"] is False and not kwargs.get("output_hidden_states")
-        assert out.past_key_values is None and out.hidden_states is None
+        assert out.cache is None and out.hidden_states is None
     assert seen[0][1].logits.shape[1] == 1  # the head multiplies one position in the hidden-state path
     torch.testing.assert_close(hidden, reference.hidden_states[-1][:, 3:-1], rtol=0, atol=0)  # the same ops
     torch.testing.assert_close(logits, reference.logits[:, 3:-1], rtol=1e-6, atol=1e-6)
@@ -166,7 +166,7 @@ def test_bf16_rollouts_run_a_bf16_copy_with_a_bf16_kv_cache():
     def cache_dtypes(model):
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, cache=cache, use_cache=True)
         return {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
     assert torch.float32 in cache_dtypes(student)  # the problem: autocast alone keeps float32 keys
     decoding = runtime.for_decoding(student)

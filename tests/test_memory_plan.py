@@ -35,7 +35,7 @@ def test_parameter_counts_and_kv_bytes_match_a_real_model(tmp_path, tied):
     assert shape.root_params + 3 * shape.layer_params == shape.params
     cache, tokens = DynamicCache(config=model.config), 7
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 300, (2, tokens)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 300, (2, tokens)), cache=cache, use_cache=True)
     cached = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     assert shape.kv_per_token == cached / (2 * tokens)
 

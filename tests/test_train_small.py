@@ -15,6 +15,7 @@ from conftest import relative_weight_error  # noqa: E402
 import math_data  # noqa: E402
 import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
+import trb  # noqa: E402
 
 # A few-second configuration: 1-layer models, 2-digit sums, 2 prompts x 2 rollouts, 12 new tokens.
 TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
@@ -227,3 +228,23 @@ def test_rollout_and_micro_batching_leave_the_step_unchanged(cache_dir, tmp_path
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
     a, b = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("full", "parts"))
     assert relative_weight_error(a, b) <= 1e-5
+
+
+def test_cache_and_compile_keys_reach_every_decode(cache_dir, tmp_path, monkeypatch):
+    """--cache=static reaches every blended_generate call of training and evaluation, and the run logs what the
+    dynamic-cache run logs: the same sampled tokens (pass@1 and token counts equal) and losses within 1e-5 (the
+    attention over the longer, masked static cache rounds differently)."""
+    calls = []
+    generate = trb.blended_generate
+    monkeypatch.setattr(trb, "blended_generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    histories = {}
+    for kind in ("dynamic", "static"):
+        calls.clear()
+        cfg = config.load_config(tiny(cache_dir, tmp_path / kind, f"--cache={kind}", "--max_steps=2"))
+        histories[kind] = train_small.train(cfg)
+        assert calls and all(k["cache"] == kind and k["compile"] is False for k in calls)
+    for dynamic, static in zip(histories["dynamic"], histories["static"]):
+        assert dynamic.get("pass@1") == static.get("pass@1")
+        assert dynamic.get("completion_tokens") == static.get("completion_tokens")
+        if "loss" in dynamic:
+            assert static["loss"] == pytest.approx(dynamic["loss"], rel=1e-5)

@@ -5,11 +5,13 @@ Benchmarks for trb.py, each figure a ratio measured side by side in one process 
     python bench.py solve      # solve_beta vs one log_softmax at Qwen3's vocabulary (B=8, V=151936, fp32)
     python bench.py memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
     python bench.py sampler    # blended_generate vs model.generate on small Qwen3-shaped models
+    python bench.py decode --device=cuda --dtype=bfloat16   # rollout tokens/s at Qwen3 shapes: eager/static/compiled
 
 CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
 """
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -143,7 +145,8 @@ def reencode_generate(student, teacher, input_ids, attention_mask, eps, max_new_
         kwargs = dict(attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False, logits_to_keep=1)
         s = student(ids, **kwargs).logits[:, -1].float()
         t = teacher(ids, **kwargs).logits[:, -1].float()
-        token = trb.blend_token_rule(s, t, eps, False, generator)["token"]
+        noise = torch.empty(1, *s.shape).exponential_(generator=generator)  # (1, B, V) Exp(1)
+        token = trb.blend_token_rule(s, t, eps, noise)["token"]
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
@@ -191,20 +194,128 @@ def bench_sampler(args):
           f"{statistics.median(cache_ratio):.1f}x faster   runs {[round(x, 1) for x in cache_ratio]}")
 
 
+def decode_model(name, device, dtype, seed):
+    """A random-weight causal LM: Qwen3's published shapes for 0.6B/1.7B/4B/8B (memory_plan.QWEN3, no download), or
+    the small CPU shapes of bench_sampler: tiny (4 layers) and small (6 layers)."""
+    from transformers import Qwen3ForCausalLM
+    import memory_plan
+    if name in ("tiny", "small"):
+        return qwen3_shaped({"tiny": 4, "small": 6}[name], seed=seed).to(device=device, dtype=dtype)
+    config = memory_plan.builtin_qwen3(f"Qwen/Qwen3-{name}")
+    if config is None:
+        raise SystemExit(f"error: --pairs: unknown model {name!r}; choose from tiny, small, "
+                         + ", ".join(memory_plan.QWEN3))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Qwen3ForCausalLM._from_config(config, torch_dtype=dtype).eval()
+
+
+def bench_decode(args):
+    """
+    Rollout decoding: blended_generate at eps = 0.02 (both models in lockstep, solve and blend per token) against
+    student.generate followed by teacher.generate, each decoding exactly N tokens per row from the same prompts, with
+    the same settings: eager with a DynamicCache, a StaticCache, a StaticCache with a compiled step (ours: both
+    forwards and the token rule; Hugging Face: the forward, with CUDA graphs on a GPU). Reports tokens/s (B * N over
+    wall time, compile excluded by a warm-up call), the token rule's share of a blended decode step, and peak memory.
+    """
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    P = args.prompt_tokens
+    print(f"blended decode vs student.generate + teacher.generate, {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, {args.dtype}, "
+          f"prompt {P} tokens, eps=0.02, temperature 1; tokens/s = rows x new tokens / s (medians of {args.runs})")
+    print(f"  {'student <- teacher':20s} {'B':>4s} {'N':>5s} {'setting':16s} {'ours tok/s':>11s} "
+          f"{'HF tok/s':>9s} {'ours/HF time':>12s} {'rule share':>10s} {'peak GiB':>9s}")
+    for pair in args.pairs.split(","):
+        s_name, t_name = pair.split(":")
+        student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
+        V = student.config.vocab_size
+        for B in [int(b) for b in args.batch.split(",")]:
+            for N in [int(n) for n in args.new_tokens.split(",")]:
+                g = torch.Generator(device).manual_seed(0)
+                ids = torch.randint(0, V, (B, P), generator=g, device=device)
+                mask = torch.ones_like(ids)
+                for setting in args.settings.split(","):
+                    cache, compile = {"eager": ("dynamic", False), "static": ("static", False),
+                                      "compiled": ("static", True)}[setting]
+                    hf = dict(cache_implementation="static" if cache == "static" else None,
+                              disable_compile=not compile)
+
+                    def ours():
+                        return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=N,
+                                                    generator=torch.Generator(device).manual_seed(0), cache=cache,
+                                                    compile=compile)
+
+                    def theirs():
+                        for model in (student, teacher):
+                            model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                           temperature=1.0, max_new_tokens=N, min_new_tokens=N, pad_token_id=0, **hf)
+
+                    def timed(fn):
+                        sync()
+                        start = time.perf_counter()
+                        fn()
+                        sync()
+                        return time.perf_counter() - start
+
+                    ours(), theirs()  # warm-up: compiles, CUDA graph captures, allocator
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    t_ours, t_theirs = [], []
+                    for _ in range(args.runs):  # interleaved, so machine noise hits both alike
+                        t_ours.append(timed(ours))
+                        t_theirs.append(timed(theirs))
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else math.nan
+                    logits = torch.randn(2, B, V, generator=g, device=device) * 3
+                    noise = torch.empty(1, B, V, device=device).exponential_(generator=g)
+                    eps = torch.tensor(0.02, device=device)
+                    rule = trb.blend_token_rule
+                    if compile:
+                        rule = torch.compile(trb.blend_token_rule, fullgraph=True, dynamic=False,
+                                             mode="reduce-overhead" if device.type == "cuda" else None)
+                    rule(logits[0], logits[0] + logits[1], eps, noise)  # warm-up
+                    t_rule = statistics.median(timed(lambda: rule(logits[0], logits[0] + logits[1], eps, noise))
+                                               for _ in range(20))
+                    t_o, t_t = statistics.median(t_ours), statistics.median(t_theirs)
+                    print(f"  {s_name + ' <- ' + t_name:20s} {B:4d} {N:5d} {setting:16s} {B * N / t_o:11.0f} "
+                          f"{B * N / t_t:9.0f} {t_o / t_t:12.2f} {N * t_rule / t_o:10.1%} {peak:9.1f}", flush=True)
+        student = teacher = None  # free the pair before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["solve", "memory", "sampler"], help="solve | memory | sampler")
+    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode (default: the first "
+                        "three on CPU, decode on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
+    decode = parser.add_argument_group("decode (python bench.py decode --device=cuda --dtype=bfloat16)")
+    decode.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    decode.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    decode.add_argument("--pairs", default=None, help="student:teacher shapes, comma-separated: tiny, small (CPU), "
+                        "0.6B, 1.7B, 4B, 8B (random weights); default 1.7B:8B on CUDA, tiny:small on CPU")
+    decode.add_argument("--batch", default=None, help="rows, comma-separated (default 16,64 on CUDA, 4 on CPU)")
+    decode.add_argument("--new_tokens", default=None, help="tokens per row (default 1024,8192 on CUDA, 32 on CPU)")
+    decode.add_argument("--prompt_tokens", type=int, default=128)
+    decode.add_argument("--settings", default="eager,static,compiled", help="eager (DynamicCache), static "
+                        "(StaticCache), compiled (StaticCache and torch.compile)")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.which = args.which or (["decode"] if cuda else ["solve", "memory", "sampler"])
+    args.pairs = args.pairs or ("1.7B:8B" if cuda else "tiny:small")
+    args.batch = args.batch or ("16,64" if cuda else "4")
+    args.new_tokens = args.new_tokens or ("1024,8192" if cuda else "32")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype: expected float32 or bfloat16, got {args.dtype!r}")
     torch.set_num_threads(args.threads)
     if args.which[:1] == ["_memory_child"]:
         return _peak_memory_child(args.which[1], int(args.which[2]))
     if args.which[:1] == ["_solve_child"]:
         return _solve_child(int(args.which[1]), int(args.which[2]))
     for name in args.which:
-        {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler}[name](args)
+        {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler, "decode": bench_decode}[name](args)
         print()
 
 

@@ -428,6 +428,46 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
 
 
+@torch.no_grad()
+def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
+    """
+    Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a
+    reader sees the text change: one dict per problem (problem index, question, prompt, reference answer, completion,
+    correct). Every rank decodes all of them (FSDP: the same calls in lockstep); the main process writes them out.
+    """
+    problems = [held_out[i] for i in range(min(cfg.shown_problems, len(held_out)))]
+    prompts = [format_prompt(row["question"], tokenizer, cfg) for row in problems]
+    input_ids, mask = encode_prompts(prompts, tokenizer, next(model.parameters()).device)  # (k, P)
+    was_training = model.training
+    model.eval()  # also keeps the KV cache on with activation checkpointing (a train-mode feature)
+    with autocast(cfg):
+        rollout = rollouts(model, None, input_ids, mask, cfg.eval_batch_size, runtime, eps=0.0, temperature=0.0,
+                           max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    model.train(was_training)
+    texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [{"problem": i, "question": row["question"], "prompt": prompt,
+             "answer": math_data.reference_answer(row["answer"]), "completion": text,
+             "correct": bool(math_data.is_correct(text, row["answer"], cfg.dataset == "synthetic"))}
+            for i, (row, prompt, text) in enumerate(zip(problems, prompts, texts))]
+
+
+def one_line(text, width=100):
+    """text on one line (newlines shown as \\n), cut in the middle to at most `width` characters."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else f"{text[:width // 2 - 2]} .. {text[-(width // 2 - 2):]}"
+
+
+def log_samples(path, step, model_name, samples):
+    """Appends one samples.jsonl row per shown problem and prints them, one line each."""
+    with open(path, "a") as log:
+        log.writelines(json.dumps({"step": step, "model": model_name, **s}) + "\n" for s in samples)
+    tqdm.write(f"step {step}, {model_name}'s greedy completions ({path}):")
+    for s in samples:
+        verdict = "right" if s["correct"] else f"wrong (answer {s['answer']})"
+        tqdm.write(f"  #{s['problem']} {one_line(s['question'], 40)} -> {one_line(s['completion'])}   {verdict}")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The training run.
 
@@ -461,10 +501,22 @@ def train(cfg, runtime=None):
         if checkpoint is None:  # a fresh run: an earlier run's checkpoints here must never be resumed into it
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         else:
-            history = checkpoints.read_metrics(out / "metrics.jsonl", start)
-        checkpoints.rewrite_metrics(out / "metrics.jsonl", history)
-    evaluate_at = lambda step: evaluate(runtime.for_decoding(student), tokenizer, held_out, cfg, cfg.seed + step,
-                                        eos_ids, runtime)
+            history = checkpoints.read_log(out / "metrics.jsonl", start)
+        checkpoints.rewrite_log(out / "metrics.jsonl", history)
+        checkpoints.rewrite_log(out / "samples.jsonl",  # cut back the same way; emptied by a fresh run
+                                checkpoints.read_log(out / "samples.jsonl", start) if checkpoint is not None else [])
+
+    def show(model, name, step):  # the shown problems' greedy completions, to samples.jsonl and stdout
+        if cfg.shown_problems:
+            samples = sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime)
+            if runtime.is_main:
+                log_samples(out / "samples.jsonl", step, name, samples)
+
+    def evaluate_at(step):
+        model = runtime.for_decoding(student)
+        show(model, "student", step)
+        return evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+
     with open(out / "metrics.jsonl", "a") if runtime.is_main else nullcontext() as log:
         def record(row):
             history.append(row)
@@ -475,6 +527,7 @@ def train(cfg, runtime=None):
                 tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")
 
         if start == 0:
+            show(teacher, "teacher", 0)  # once: the text the student is distilled towards
             record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0, **evaluate_at(0)})
         ranks = f" x{runtime.world}" if runtime.world > 1 else ""
         bar = tqdm(range(start, cfg.max_steps), desc=f"distill {cfg.method} seed {cfg.seed}{ranks}", initial=start,

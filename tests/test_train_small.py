@@ -79,8 +79,9 @@ def real_args(folders, out_dir, *extra):
             "--eval_samples=2", "--eval_every=0", "--checkpoint_every=0", f"--out_dir={out_dir}", *extra]
 
 
-def test_smoke_run_writes_metrics_summary_and_loadable_student(cache_dir, tmp_path):
-    """A tiny TRB run logs every per-step metric, writes summary.json and a student from_pretrained can load."""
+def test_smoke_run_writes_metrics_samples_summary_and_loadable_student(cache_dir, tmp_path):
+    """A tiny TRB run logs every per-step metric, the greedy completions of the same three held-out problems at every
+    evaluation (the teacher's once, at the start), writes summary.json and a student from_pretrained can load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run(*tiny(cache_dir, tmp_path / "run", "--method=trb"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -89,6 +90,12 @@ def test_smoke_run_writes_metrics_summary_and_loadable_student(cache_dir, tmp_pa
         assert all(key in r for r in rows[1:]), key
     assert all("pass@1" in rows[i] and "greedy" in rows[i] for i in (0, 2, 3))
     assert rows[1]["eps"] == 0.5 and rows[3]["eps"] == 0.0  # E5 anneals to zero at warmup_steps
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    shown = lambda model: [(r["step"], r["problem"], r["question"]) for r in samples if r["model"] == model]
+    first = [(i, q) for _, i, q in shown("teacher")]
+    assert [i for i, _ in first] == [0, 1, 2] and [step for step, _, _ in shown("teacher")] == [0, 0, 0]
+    assert shown("student") == [(step, i, q) for step in (0, 2, 3) for i, q in first]
+    assert all(type(r["completion"]) is str and type(r["correct"]) is bool for r in samples)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["final_pass@1"] <= 1
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
@@ -116,8 +123,8 @@ def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
 
 def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     """
-    Stop after a checkpoint, resume past a half-written save and a half-written metrics line: the final weights and
-    every logged metric equal an uninterrupted run's, bitwise. Exact by construction: both runs execute the same ops
+    Stop after a checkpoint, resume past a half-written save and half-written log lines: the final weights, every
+    logged metric and samples.jsonl equal an uninterrupted run's, bitwise. Exact by construction: both runs execute the same ops
     on the same values in the same order on this machine (one thread, saved RNG states, weights and AdamW state
     restored exactly from safetensors and torch.save); nothing compares results across machines.
     """
@@ -130,6 +137,8 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     (half_written / "state.pt").write_bytes(b"truncated")
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as log:  # as left by a kill in the middle of a write
         log.write('{"step": 3, "loss": 0.1')
+    with open(tmp_path / "parts" / "samples.jsonl", "a") as log:  # a sample logged after the checkpoint, half a line
+        log.write('{"step": 3, "model": "student", "problem": 0}\n{"step": 4, "mod')
     resumed_run = run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", *common, "--resume=true"))
     assert "resumed from" in resumed_run.stdout and "step_000002" in resumed_run.stdout
     full = load_file(tmp_path / "full" / "student" / "model.safetensors")
@@ -138,6 +147,8 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
     assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "parts" / "metrics.jsonl")
+    samples = [(tmp_path / name / "samples.jsonl").read_text() for name in ("full", "parts")]
+    assert samples[0] == samples[1]  # cut back to the checkpoint, not duplicated
 
 
 @pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])

@@ -14,6 +14,7 @@ if [ "$(cat .venv/requirements.sha256 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -r requirements.txt
     echo "$want" > .venv/requirements.sha256  # written last: an interrupted install is redone next time
 fi
+export TRB_LAUNCH=./run.sh  # the command that train_small.py's summary suggests next starts with this
 if [ "${1:-}" = test ]; then
     shift
     exec .venv/bin/python -m pytest -q tests "$@"

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -462,7 +463,7 @@ def log_samples(path, step, model_name, samples):
     """Appends one samples.jsonl row per shown problem and prints them, one line each."""
     with open(path, "a") as log:
         log.writelines(json.dumps({"step": step, "model": model_name, **s}) + "\n" for s in samples)
-    tqdm.write(f"step {step}, {model_name}'s greedy completions ({path}):")
+    tqdm.write(f"step {step}, {model_name}'s greedy completions ({path.name}):")
     for s in samples:
         verdict = "right" if s["correct"] else f"wrong (answer {s['answer']})"
         tqdm.write(f"  #{s['problem']} {one_line(s['question'], 40)} -> {one_line(s['completion'])}   {verdict}")
@@ -554,6 +555,33 @@ def train(cfg, runtime=None):
     return history
 
 
+OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",
+           "samples.jsonl": "greedy completions of the shown held-out problems at every evaluation, the teacher's once",
+           "summary.json": "the numbers below and the config",
+           "checkpoints": "the last checkpoint (--resume=true continues from it)",
+           "student": "the distilled student (from_pretrained loads it)"}
+
+
+def print_summary(cfg, argv):
+    """The main job's last lines: where the outputs are, teacher and student pass@1, the wall time and the next command
+    worth trying, the comparison with vanilla OPD on the same overrides (run.sh sets TRB_LAUNCH to itself)."""
+    out = Path(cfg.out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    minutes, seconds = divmod(round(summary["wall_s"]), 60)
+    teacher = f"{summary['teacher']['pass@1']:.3f}" if summary["teacher"] else "not measured (real models)"
+    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--method=", "--seed="))]
+    launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
+    runs = 2 * len(cfg.seeds.split(","))
+    print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")
+    for name, what in OUTPUTS.items():
+        if (out / name).exists():
+            print(f"  {name + ('/' if (out / name).is_dir() else ''):15s} {what}")
+    print(f"held-out pass@1: teacher {teacher}; student {summary['initial_pass@1']:.3f} at step 0 -> "
+          f"{summary['final_pass@1']:.3f} at step {summary['steps']} ({cfg.method})")
+    print(f"next, TRB against vanilla OPD over seeds {cfg.seeds} ({runs} runs like this one):\n"
+          f"  {launch} {shlex.join(['--compare=opd,trb', '--out_dir=runs/compare', *same])}")
+
+
 def main():
     cfg = load_config(sys.argv[1:])
     from transformers.utils import logging
@@ -565,6 +593,7 @@ def main():
         compare.compare(cfg, train)
     else:
         train(cfg)
+        print_summary(cfg, sys.argv[1:])
 
 
 if __name__ == "__main__":

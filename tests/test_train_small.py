@@ -81,9 +81,10 @@ def real_args(folders, out_dir, *extra):
 
 def test_smoke_run_writes_metrics_samples_summary_and_loadable_student(cache_dir, tmp_path):
     """A tiny TRB run logs every per-step metric, the greedy completions of the same three held-out problems at every
-    evaluation (the teacher's once, at the start), writes summary.json and a student from_pretrained can load."""
+    evaluation (the teacher's once, at the start), writes summary.json and a student from_pretrained can load, and
+    ends with a summary on stdout."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    run(*tiny(cache_dir, tmp_path / "run", "--method=trb"))
+    stdout = run(*tiny(cache_dir, tmp_path / "run", "--method=trb")).stdout
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("loss", "eps", "beta", "realised_kl", "teacher_logprob", "teacher_entropy", "tokens_per_s"):
@@ -98,6 +99,14 @@ def test_smoke_run_writes_metrics_samples_summary_and_loadable_student(cache_dir
     assert all(type(r["completion"]) is str and type(r["correct"]) is bool for r in samples)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["final_pass@1"] <= 1
+    # the summary on stdout: outputs, teacher and student pass@1, wall time, the comparison to run next
+    assert f"(wall time). Outputs in {tmp_path / 'run'}/:" in stdout
+    assert all(f"\n  {name} " in stdout for name in ("metrics.jsonl", "samples.jsonl", "summary.json", "student/"))
+    assert (f"teacher {summary['teacher']['pass@1']:.3f}; student {summary['initial_pass@1']:.3f} at step 0 -> "
+            f"{summary['final_pass@1']:.3f} at step 3") in stdout
+    next_command = stdout.strip().splitlines()[-1]
+    assert " --compare=opd,trb --out_dir=runs/compare " in next_command and "--max_steps=3" in next_command
+    assert "--method=" not in next_command and f"--out_dir={tmp_path}" not in next_command
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     assert student.config.vocab_size == len(tokenizer)

@@ -122,11 +122,16 @@ def test_other_behaviors_chunked_loss_and_bf16_run(cache_dir, tmp_path, variant)
 
 
 def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
-    """--compare trains every method for every seed and writes comparison.json, .md and .png."""
+    """--compare trains every method for every seed and writes comparison.json, .md (with one held-out problem: the
+    teacher's, the initial student's and each method's final greedy completion) and .png."""
     run(*tiny(cache_dir, tmp_path / "cmp", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2"))
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert set(result) == {"opd", "trb"} and len(result["trb"]["final"]) == 2
-    assert "| trb |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| trb |" in table
+    example = table.split("Held-out problem 0, greedy, seed 0: ")[1].splitlines()  # the example at the end
+    labels = [line[:20].strip() for line in example[2:6]]
+    assert labels == ["teacher", "student, step 0", "opd, step 2", "trb, step 2"] and example[6] == "```"
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
 
 

@@ -7,6 +7,7 @@ annealed trust-region blend, fixed-eps, SKD, ...) and `trb.blended_generate` sam
 
 Launch (every config.yaml key can be overridden as --key=value; --help lists them):
     python train_small.py                                   # embedded offline default, CPU, a few minutes
+    ./run.sh                                                # the same on a fresh clone (sets up .venv first)
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
     python train_small.py --compare=opd,trb,fixed_eps,skd --seeds=0,1,2 --out_dir=runs/compare

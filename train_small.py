@@ -575,8 +575,9 @@ def print_summary(cfg, argv):
     runs = 2 * len(cfg.seeds.split(","))
     print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")
     for name, what in OUTPUTS.items():
-        if (out / name).exists():
-            print(f"  {name + ('/' if (out / name).is_dir() else ''):15s} {what}")
+        path = out / name
+        if path.is_dir() or (path.exists() and path.stat().st_size):  # samples.jsonl is empty with shown_problems 0
+            print(f"  {name + ('/' if path.is_dir() else ''):15s} {what}")
     print(f"held-out pass@1: teacher {teacher}; student {summary['initial_pass@1']:.3f} at step 0 -> "
           f"{summary['final_pass@1']:.3f} at step {summary['steps']} ({cfg.method})")
     print(f"next, TRB against vanilla OPD over seeds {cfg.seeds} ({runs} runs like this one):\n"

@@ -1,6 +1,7 @@
 """
-Run bookkeeping that survives interruption: folders written atomically, the newest complete checkpoint, the metrics
-log cut back to a checkpoint, and train_small.py's single-device checkpoint (train_fsdp.py writes sharded DCP ones).
+Run bookkeeping that survives interruption: folders written atomically, the newest complete checkpoint, the logs
+(metrics.jsonl, samples.jsonl) cut back to a checkpoint, and train_small.py's single-device checkpoint (train_fsdp.py
+writes sharded DCP ones).
 
 A checkpoint is <out_dir>/checkpoints/step_XXXXXX. It is written to .tmp-step_XXXXXX and renamed only when complete,
 so a run killed during a save resumes from the previous checkpoint, never from half a folder.
@@ -41,9 +42,10 @@ def remove_older_checkpoints(out_dir, step):
             shutil.rmtree(old)
 
 
-def read_metrics(path, upto_step):
-    """The rows of metrics.jsonl logged up to a checkpoint's step. Rows an interrupted run logged after its last save
-    are dropped (they are recomputed), and so is a half-written last line (a kill in the middle of a write)."""
+def read_log(path, upto_step):
+    """The rows of a .jsonl log (metrics.jsonl, samples.jsonl) logged up to a checkpoint's step. Rows an interrupted
+    run logged after its last save are dropped (they are recomputed), and so is a half-written last line (a kill in
+    the middle of a write)."""
     if not Path(path).exists():
         return []
     with open(path) as f:
@@ -51,8 +53,8 @@ def read_metrics(path, upto_step):
     return [row for row in rows if row["step"] <= upto_step]
 
 
-def rewrite_metrics(path, rows):
-    """metrics.jsonl replaced by `rows` in one rename: a kill at any moment leaves the old log or the new one."""
+def rewrite_log(path, rows):
+    """A .jsonl log replaced by `rows` in one rename: a kill at any moment leaves the old log or the new one."""
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)

@@ -1,9 +1,9 @@
 """
 `python train_small.py --compare=opd,trb,... --seeds=0,1,2`: the paper's comparison of behavior policies, repeated
 over seeds. Every method trains from the same teacher and, per seed, the same student init and data order; the
-results go to out_dir as comparison.json, comparison.md (the table) and comparison.png (pass@1 against step, the
-budget and mean beta, the teacher log-prob of the rollouts). With --resume=true, finished runs are read back and an
-interrupted one continues from its last checkpoint.
+results go to out_dir as comparison.json, comparison.md (the table, then one held-out problem as each method's student
+finally writes it) and comparison.png (pass@1 against step, the budget and mean beta, the teacher log-prob of the
+rollouts). With --resume=true, finished runs are read back and an interrupted one continues from its last checkpoint.
 """
 import dataclasses
 import json
@@ -18,13 +18,17 @@ def mean_std(values):
     return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
+def run_dir(out_dir, method, seed):
+    return Path(out_dir) / f"{method}_seed{seed}"
+
+
 def compare(cfg, train):
     """Every method in cfg.compare for every seed in cfg.seeds (same teacher, same per-seed student init), each run by
     train(run_cfg) -> its metrics history; writes comparison.{json,md,png} to cfg.out_dir."""
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
 
     def run(method, seed):  # with --resume=true, finished runs are read back and interrupted ones continue
-        out_dir = str(Path(cfg.out_dir) / f"{method}_seed{seed}")
+        out_dir = str(run_dir(cfg.out_dir, method, seed))
         run_cfg = dataclasses.replace(cfg, method=method, seed=seed, compare="", out_dir=out_dir)
         if cfg.resume and (Path(run_cfg.out_dir) / "summary.json").exists():
             return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
@@ -54,9 +58,32 @@ def compare(cfg, train):
             f"initial student {mean_std(initial)[0]:.3f} ± {mean_std(initial)[1]:.3f}, "
             f"{cfg.max_steps} steps, eps0={cfg.eps0}, warmup_steps={cfg.warmup_steps}. Teacher log-prob: mean log pi_T "
             f"of rollout tokens over the first warmup_steps steps.\n")
-    (out / "comparison.md").write_text("\n".join(lines) + "\n" + note)
+    text = "\n".join(lines) + "\n" + note + example(out, methods, seeds[0])
+    (out / "comparison.md").write_text(text)
     plot_comparison(runs, out / "comparison.png", cfg)
-    print("\n".join(lines) + "\n" + note)
+    print(text)
+
+
+def example(out, methods, seed):
+    """Held-out problem 0 as the runs of one seed left it (from their samples.jsonl): the teacher's greedy completion,
+    the initial student's (the same for every method) and each method's final one; "" without samples."""
+    logs = {m: run_dir(out, m, seed) / "samples.jsonl" for m in methods}
+    if not all(path.exists() for path in logs.values()):
+        return ""
+    rows = {m: [r for r in map(json.loads, open(path)) if r["problem"] == 0] for m, path in logs.items()}
+    teacher = [r for r in rows[methods[0]] if r["model"] == "teacher"]
+    student = {m: [r for r in rows[m] if r["model"] == "student"] for m in methods}  # in step order
+    if not teacher or not all(student.values()):
+        return ""
+    shown = [("teacher", teacher[0]), ("student, step 0", student[methods[0]][0])]
+    shown += [(f"{m}, step {student[m][-1]['step']}", student[m][-1]) for m in methods]
+    lines = [f"\nHeld-out problem 0, greedy, seed {seed}: {teacher[0]['question'].strip()} "
+             f"(answer {teacher[0]['answer']})", "```text"]
+    for label, row in shown:
+        completion = json.dumps(row["completion"])[1:-1]  # one line: newlines escaped
+        completion = completion if len(completion) <= 100 else "..." + completion[-97:]  # the end holds the answer
+        lines.append(f"{label:20s} {'right' if row['correct'] else 'wrong'}  {completion}")
+    return "\n".join(lines + ["```", ""])
 
 
 def plot_comparison(runs, path, cfg):

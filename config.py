@@ -116,10 +116,12 @@ class Config:
     eval_dataset_config: str = key("configuration name of eval_dataset")
     eval_question_field: str = key("eval_dataset's problem field (empty = question_field)")
     eval_answer_field: str = key("eval_dataset's answer field (empty = answer_field)")
+    shown_problems: int = key("the first n held-out problems, whose greedy completions are printed and logged to "
+                              "samples.jsonl at every evaluation (0 = none)", at_least(0))
     # Run bookkeeping
     seed: int = key("student init, data order and rollout sampling", at_least(0))
-    out_dir: str = key("metrics.jsonl, summary.json, checkpoints/, student/ (and comparison.* with compare)",
-                       NON_EMPTY)
+    out_dir: str = key("metrics.jsonl, samples.jsonl, summary.json, checkpoints/, student/ (and comparison.* with "
+                       "compare)", NON_EMPTY)
     checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
     resume: bool = key("true: continue from the last complete checkpoint in out_dir")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",

@@ -7,6 +7,7 @@ annealed trust-region blend, fixed-eps, SKD, ...) and `trb.blended_generate` sam
 
 Launch (every config.yaml key can be overridden as --key=value; --help lists them):
     python train_small.py                                   # embedded offline default, CPU, a few minutes
+    ./run.sh                                                # the same on a fresh clone (sets up .venv first)
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
     python train_small.py --compare=opd,trb,fixed_eps,skd --seeds=0,1,2 --out_dir=runs/compare
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -429,6 +431,46 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
 
 
+@torch.no_grad()
+def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
+    """
+    Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a
+    reader sees the text change: one dict per problem (problem index, question, prompt, reference answer, completion,
+    correct). Every rank decodes all of them (FSDP: the same calls in lockstep); the main process writes them out.
+    """
+    problems = [held_out[i] for i in range(min(cfg.shown_problems, len(held_out)))]
+    prompts = [format_prompt(row["question"], tokenizer, cfg) for row in problems]
+    input_ids, mask = encode_prompts(prompts, tokenizer, next(model.parameters()).device)  # (k, P)
+    was_training = model.training
+    model.eval()  # also keeps the KV cache on with activation checkpointing (a train-mode feature)
+    with autocast(cfg):
+        rollout = rollouts(model, None, input_ids, mask, cfg.eval_batch_size, runtime, eps=0.0, temperature=0.0,
+                           max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    model.train(was_training)
+    texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [{"problem": i, "question": row["question"], "prompt": prompt,
+             "answer": math_data.reference_answer(row["answer"]), "completion": text,
+             "correct": bool(math_data.is_correct(text, row["answer"], cfg.dataset == "synthetic"))}
+            for i, (row, prompt, text) in enumerate(zip(problems, prompts, texts))]
+
+
+def one_line(text, width=100):
+    """text on one line (newlines shown as \\n), cut in the middle to at most `width` characters."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else f"{text[:width // 2 - 2]} .. {text[-(width // 2 - 2):]}"
+
+
+def log_samples(path, step, model_name, samples):
+    """Appends one samples.jsonl row per shown problem and prints them, one line each."""
+    with open(path, "a") as log:
+        log.writelines(json.dumps({"step": step, "model": model_name, **s}) + "\n" for s in samples)
+    tqdm.write(f"step {step}, {model_name}'s greedy completions ({path.name}):")
+    for s in samples:
+        verdict = "right" if s["correct"] else f"wrong (answer {s['answer']})"
+        tqdm.write(f"  #{s['problem']} {one_line(s['question'], 40)} -> {one_line(s['completion'])}   {verdict}")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The training run.
 
@@ -462,10 +504,22 @@ def train(cfg, runtime=None):
         if checkpoint is None:  # a fresh run: an earlier run's checkpoints here must never be resumed into it
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         else:
-            history = checkpoints.read_metrics(out / "metrics.jsonl", start)
-        checkpoints.rewrite_metrics(out / "metrics.jsonl", history)
-    evaluate_at = lambda step: evaluate(runtime.for_decoding(student), tokenizer, held_out, cfg, cfg.seed + step,
-                                        eos_ids, runtime)
+            history = checkpoints.read_log(out / "metrics.jsonl", start)
+        checkpoints.rewrite_log(out / "metrics.jsonl", history)
+        checkpoints.rewrite_log(out / "samples.jsonl",  # cut back the same way; emptied by a fresh run
+                                checkpoints.read_log(out / "samples.jsonl", start) if checkpoint is not None else [])
+
+    def show(model, name, step):  # the shown problems' greedy completions, to samples.jsonl and stdout
+        if cfg.shown_problems:
+            samples = sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime)
+            if runtime.is_main:
+                log_samples(out / "samples.jsonl", step, name, samples)
+
+    def evaluate_at(step):
+        model = runtime.for_decoding(student)
+        show(model, "student", step)
+        return evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+
     with open(out / "metrics.jsonl", "a") if runtime.is_main else nullcontext() as log:
         def record(row):
             history.append(row)
@@ -476,6 +530,7 @@ def train(cfg, runtime=None):
                 tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")
 
         if start == 0:
+            show(teacher, "teacher", 0)  # once: the text the student is distilled towards
             record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0, **evaluate_at(0)})
         ranks = f" x{runtime.world}" if runtime.world > 1 else ""
         bar = tqdm(range(start, cfg.max_steps), desc=f"distill {cfg.method} seed {cfg.seed}{ranks}", initial=start,
@@ -502,6 +557,34 @@ def train(cfg, runtime=None):
     return history
 
 
+OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",
+           "samples.jsonl": "greedy completions of the shown held-out problems at every evaluation, the teacher's once",
+           "summary.json": "the numbers below and the config",
+           "checkpoints": "the last checkpoint (--resume=true continues from it)",
+           "student": "the distilled student (from_pretrained loads it)"}
+
+
+def print_summary(cfg, argv):
+    """The main job's last lines: where the outputs are, teacher and student pass@1, the wall time and the next command
+    worth trying, the comparison with vanilla OPD on the same overrides (run.sh sets TRB_LAUNCH to itself)."""
+    out = Path(cfg.out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    minutes, seconds = divmod(round(summary["wall_s"]), 60)
+    teacher = f"{summary['teacher']['pass@1']:.3f}" if summary["teacher"] else "not measured (real models)"
+    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--method=", "--seed="))]
+    launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
+    runs = 2 * len(cfg.seeds.split(","))
+    print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")
+    for name, what in OUTPUTS.items():
+        path = out / name
+        if path.is_dir() or (path.exists() and path.stat().st_size):  # samples.jsonl is empty with shown_problems 0
+            print(f"  {name + ('/' if path.is_dir() else ''):15s} {what}")
+    print(f"held-out pass@1: teacher {teacher}; student {summary['initial_pass@1']:.3f} at step 0 -> "
+          f"{summary['final_pass@1']:.3f} at step {summary['steps']} ({cfg.method})")
+    print(f"next, TRB against vanilla OPD over seeds {cfg.seeds} ({runs} runs like this one):\n"
+          f"  {launch} {shlex.join(['--compare=opd,trb', '--out_dir=runs/compare', *same])}")
+
+
 def main():
     cfg = load_config(sys.argv[1:])
     from transformers.utils import logging
@@ -513,6 +596,7 @@ def main():
         compare.compare(cfg, train)
     else:
         train(cfg)
+        print_summary(cfg, sys.argv[1:])
 
 
 if __name__ == "__main__":

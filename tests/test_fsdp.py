@@ -86,7 +86,7 @@ def test_fsdp_reproduces_single_process_losses_and_weights(runs):
     5 greedy steps on 2 ranks give train_small.py's per-step loss and final weights within 1e-4 relative. Gradients
     reduced over ranks sum in another order, so weights differ by ~1e-6; greedy rollouts from them visit the same
     tokens (equal token counts) unless two logits tie that closely, which would show as a loss mismatch too. Held-out
-    greedy accuracy may then differ by at most one problem of the 6.
+    greedy accuracy may then differ by at most one problem of the 6. Both log the same shown problems (samples.jsonl).
     """
     small, fsdp = metrics(runs / "small"), metrics(runs / "fsdp")
     assert [r["step"] for r in fsdp] == [r["step"] for r in small] == [0, 1, 2, 3, 4, 5]
@@ -97,6 +97,10 @@ def test_fsdp_reproduces_single_process_losses_and_weights(runs):
         assert a["eps"] == b["eps"] and abs(a["beta"] - b["beta"]) <= 1e-6  # eps: the same kl_budget arithmetic
     assert abs(small[-1]["greedy"] - fsdp[-1]["greedy"]) <= 1 / 5 + 1e-9
     assert relative_weight_error(weights(runs / "small"), weights(runs / "fsdp")) <= RELATIVE
+    # samples.jsonl: every rank decodes the shown problems (the sharded teacher's too), rank 0 logs them once
+    shown = lambda out: [(r["step"], r["model"], r["problem"]) for r in map(json.loads, open(out / "samples.jsonl"))]
+    assert shown(runs / "fsdp") == shown(runs / "small") == [(s, m, i) for s, m in ((0, "teacher"), (0, "student"),
+                                                                                  (5, "student")) for i in range(3)]
 
 
 def test_fsdp_rollout_and_micro_batching_leave_the_step_unchanged(runs):

@@ -80,18 +80,34 @@ def real_args(folders, out_dir, *extra):
             "--eval_samples=2", "--eval_every=0", "--checkpoint_every=0", f"--out_dir={out_dir}", *extra]
 
 
-def test_smoke_run_writes_metrics_summary_and_loadable_student(cache_dir, tmp_path):
-    """A tiny TRB run logs every per-step metric, writes summary.json and a student from_pretrained can load."""
+def test_smoke_run_writes_metrics_samples_summary_and_loadable_student(cache_dir, tmp_path):
+    """A tiny TRB run logs every per-step metric, the greedy completions of the same three held-out problems at every
+    evaluation (the teacher's once, at the start), writes summary.json and a student from_pretrained can load, and
+    ends with a summary on stdout."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    run(*tiny(cache_dir, tmp_path / "run", "--method=trb"))
+    stdout = run(*tiny(cache_dir, tmp_path / "run", "--method=trb")).stdout
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("loss", "eps", "beta", "realised_kl", "teacher_logprob", "teacher_entropy", "tokens_per_s"):
         assert all(key in r for r in rows[1:]), key
     assert all("pass@1" in rows[i] and "greedy" in rows[i] for i in (0, 2, 3))
     assert rows[1]["eps"] == 0.5 and rows[3]["eps"] == 0.0  # E5 anneals to zero at warmup_steps
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    shown = lambda model: [(r["step"], r["problem"], r["question"]) for r in samples if r["model"] == model]
+    first = [(i, q) for _, i, q in shown("teacher")]
+    assert [i for i, _ in first] == [0, 1, 2] and [step for step, _, _ in shown("teacher")] == [0, 0, 0]
+    assert shown("student") == [(step, i, q) for step in (0, 2, 3) for i, q in first]
+    assert all(type(r["completion"]) is str and type(r["correct"]) is bool for r in samples)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["final_pass@1"] <= 1
+    # the summary on stdout: outputs, teacher and student pass@1, wall time, the comparison to run next
+    assert f"(wall time). Outputs in {tmp_path / 'run'}/:" in stdout
+    assert all(f"\n  {name} " in stdout for name in ("metrics.jsonl", "samples.jsonl", "summary.json", "student/"))
+    assert (f"teacher {summary['teacher']['pass@1']:.3f}; student {summary['initial_pass@1']:.3f} at step 0 -> "
+            f"{summary['final_pass@1']:.3f} at step 3") in stdout
+    next_command = stdout.strip().splitlines()[-1]
+    assert " --compare=opd,trb --out_dir=runs/compare " in next_command and "--max_steps=3" in next_command
+    assert "--method=" not in next_command and f"--out_dir={tmp_path}" not in next_command
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     assert student.config.vocab_size == len(tokenizer)
@@ -107,18 +123,23 @@ def test_other_behaviors_chunked_loss_and_bf16_run(cache_dir, tmp_path, variant)
 
 
 def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
-    """--compare trains every method for every seed and writes comparison.json, .md and .png."""
+    """--compare trains every method for every seed and writes comparison.json, .md (with one held-out problem: the
+    teacher's, the initial student's and each method's final greedy completion) and .png."""
     run(*tiny(cache_dir, tmp_path / "cmp", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2"))
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert set(result) == {"opd", "trb"} and len(result["trb"]["final"]) == 2
-    assert "| trb |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| trb |" in table
+    example = table.split("Held-out problem 0, greedy, seed 0: ")[1].splitlines()  # the example at the end
+    labels = [line[:20].strip() for line in example[2:6]]
+    assert labels == ["teacher", "student, step 0", "opd, step 2", "trb, step 2"] and example[6] == "```"
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
 
 
 def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     """
-    Stop after a checkpoint, resume past a half-written save and a half-written metrics line: the final weights and
-    every logged metric equal an uninterrupted run's, bitwise. Exact by construction: both runs execute the same ops
+    Stop after a checkpoint, resume past a half-written save and half-written log lines: the final weights, every
+    logged metric and samples.jsonl equal an uninterrupted run's, bitwise. Exact by construction: both runs execute the same ops
     on the same values in the same order on this machine (one thread, saved RNG states, weights and AdamW state
     restored exactly from safetensors and torch.save); nothing compares results across machines.
     """
@@ -131,6 +152,8 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     (half_written / "state.pt").write_bytes(b"truncated")
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as log:  # as left by a kill in the middle of a write
         log.write('{"step": 3, "loss": 0.1')
+    with open(tmp_path / "parts" / "samples.jsonl", "a") as log:  # a sample logged after the checkpoint, half a line
+        log.write('{"step": 3, "model": "student", "problem": 0}\n{"step": 4, "mod')
     resumed_run = run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", *common, "--resume=true"))
     assert "resumed from" in resumed_run.stdout and "step_000002" in resumed_run.stdout
     full = load_file(tmp_path / "full" / "student" / "model.safetensors")
@@ -139,6 +162,8 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
     assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "parts" / "metrics.jsonl")
+    samples = [(tmp_path / name / "samples.jsonl").read_text() for name in ("full", "parts")]
+    assert samples[0] == samples[1]  # cut back to the checkpoint, not duplicated
 
 
 @pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])

@@ -1,0 +1,56 @@
+"""The README's quick start: its two commands are run.sh's, CI runs the test one, and run.sh sets up a fresh copy.
+The full proof is CI itself (.ci/run on a fresh clone); here run.sh runs on stand-ins, so no second venv of torch."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands():
+    """The commands of the README's first code block under "## Quick start", comments dropped."""
+    section = (ROOT / "README.md").read_text().split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    """The quick start opens with ./run.sh (the main job) and ./run.sh test (the tests), and .ci/run runs the latter."""
+    assert quick_start_commands()[:2] == ["./run.sh", "./run.sh test"]
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "exec ./run.sh test"
+    for script in ("run.sh", ".ci/run"):
+        assert os.access(ROOT / script, os.X_OK), script
+        subprocess.run(["bash", "-n", str(ROOT / script)], check=True)  # parses
+
+
+def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
+    """
+    In a copy holding run.sh, a requirements.txt and stand-ins for train_small.py and pytest (each prints the
+    interpreter's prefix, TRB_LAUNCH and its arguments): the first call creates .venv and installs requirements.txt;
+    the next skips setup; arguments reach train_small.py; `test` runs `pytest -q tests`; a changed requirements.txt
+    reinstalls.
+    """
+    shutil.copy(ROOT / "run.sh", tmp_path)
+    (tmp_path / "requirements.txt").write_text("# nothing to install: the stand-ins need no package\n")
+    stand_in = "import os, sys; print(sys.prefix, os.environ['TRB_LAUNCH'], *sys.argv[1:])\n"
+    (tmp_path / "train_small.py").write_text(stand_in)
+    (tmp_path / "pytest.py").write_text(stand_in)  # `python -m pytest` finds it first: the cwd leads sys.path
+    env = {**os.environ, "PYTHON": sys.executable}
+
+    def run_sh(*args):
+        result = subprocess.run(["bash", "run.sh", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    venv = str(tmp_path / ".venv")
+    first = run_sh("--max_steps=1")
+    assert "setting up .venv" in first.stderr and first.stdout.split() == [venv, "./run.sh", "--max_steps=1"]
+    again = run_sh("test", "-x")
+    assert "setting up" not in again.stderr and again.stdout.split() == [venv, "./run.sh", "-q", "tests", "-x"]
+    with open(tmp_path / "requirements.txt", "a") as f:
+        f.write("# changed\n")
+    assert "setting up .venv" in run_sh().stderr

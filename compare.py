@@ -1,67 +1,179 @@
 """
-`python train_small.py --compare=opd,trb,... --seeds=0,1,2`: the paper's comparison of behavior policies, repeated
-over seeds. Every method trains from the same teacher and, per seed, the same student init and data order; the
-results go to out_dir as comparison.json, comparison.md (the table, then one held-out problem as each method's student
-finally writes it) and comparison.png (pass@1 against step, the budget and mean beta, the teacher log-prob of the
-rollouts). With --resume=true, finished runs are read back and an interrupted one continues from its last checkpoint.
+`python train_small.py --compare=opd,trb,... --seeds=0,...,7`: the paper's comparison of behavior policies, repeated
+over seeds and paired by seed. Every method trains from the same teacher and, per seed, the same student init, data
+order and evaluation problems, so a method's difference to OPD is taken seed by seed and reported with a 95%
+confidence interval (Student's t over the paired differences), for the final pass@1 and for the area under the
+pass@1 curve (the mean over evaluations, less noisy than one point). Results go to out_dir as comparison.json,
+comparison.md (the tables, then one held-out problem as each method's student finally writes it) and comparison.png
+(pass@1 against step with confidence bands, the paired difference to OPD, the budget and mean beta, the teacher
+log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. With --resume=true, finished
+runs are read back and an interrupted one continues from its checkpoint.
 """
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
-def mean_std(values):
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+@functools.lru_cache(maxsize=None)
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom: bisection on its CDF, whose density is
+    integrated by Simpson's rule (exact to ~1e-9 here; e.g. 12.706 at df = 1, 2.365 at df = 7, 1.960 as df -> inf)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda x: math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(x, n=2000):  # P(T <= x) for x >= 0: 1/2 + the integral of the density over [0, x]
+        h = x / n
+        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+        return 0.5 + h / 3 * (density(0) + inner + density(x))
+
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_ci(differences):
+    """Mean of per-seed paired differences with its 95% confidence interval (t with n - 1 degrees of freedom):
+    {"mean", "ci95": [lo, hi], "n_seeds"}. One seed has no interval (NaN bounds)."""
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return {"mean": mean, "ci95": [math.nan, math.nan], "n_seeds": n}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n_seeds": n}
+
+
+def verdict(name, stat):
+    """One sentence that claims only what the interval shows."""
+    lo, hi = stat["ci95"]
+    text = f"{name} = {stat['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if not lo <= hi:
+        return f"{text}, one seed: no interval"
+    if lo > 0 or hi < 0:
+        return f"{text}, significant at {stat['n_seeds']} seeds (the 95% interval excludes 0)"
+    return f"{text}, not significant at {stat['n_seeds']} seeds"
 
 
 def run_dir(out_dir, method, seed):
     return Path(out_dir) / f"{method}_seed{seed}"
 
 
+def _run(run_cfg):
+    """One method-seed run in a worker process: its metrics history (read back if it finished earlier)."""
+    import train_small
+    summary = Path(run_cfg.out_dir) / "summary.json"
+    if run_cfg.resume and summary.exists():
+        return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
+    if run_cfg.num_threads:
+        torch.set_num_threads(run_cfg.num_threads)
+    return train_small.train(run_cfg)
+
+
+def _prepare(run_cfg):
+    """Train and cache one seed's student init (and load the cached teacher) in a worker process."""
+    import train_small
+    if run_cfg.num_threads:
+        torch.set_num_threads(run_cfg.num_threads)
+    train_small.load_models(run_cfg, *train_small.load_splits(run_cfg))
+
+
 def compare(cfg, train):
     """Every method in cfg.compare for every seed in cfg.seeds (same teacher, same per-seed student init), each run by
-    train(run_cfg) -> its metrics history; writes comparison.{json,md,png} to cfg.out_dir."""
+    train(run_cfg) -> its metrics history, compare_workers at a time; writes comparison.{json,md,png} to out_dir."""
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
-
-    def run(method, seed):  # with --resume=true, finished runs are read back and interrupted ones continue
-        out_dir = str(run_dir(cfg.out_dir, method, seed))
-        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, compare="", out_dir=out_dir)
-        if cfg.resume and (Path(run_cfg.out_dir) / "summary.json").exists():
-            return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
-        return train(run_cfg)
-
-    runs = {m: [run(m, s) for s in seeds] for m in methods}
-    lines = ["| method | final pass@1 | best pass@1 | final greedy | teacher log-prob (warmup) | final pass@1 per seed |",
-             "|---|---|---|---|---|---|"]
-    results = {}
-    for m, histories in runs.items():
-        evals = [[row for row in h if "pass@1" in row] for h in histories]
-        final, best = [e[-1]["pass@1"] for e in evals], [max(r["pass@1"] for r in e) for e in evals]
-        greedy = [e[-1]["greedy"] for e in evals]
-        warm = [r["teacher_logprob"] for h in histories for r in h if 0 < r["step"] <= cfg.warmup_steps]
-        results[m] = {"seeds": seeds, "final": final, "best": best, "final_greedy": greedy,
-                      "final_mean": mean_std(final)[0], "final_std": mean_std(final)[1],
-                      "best_mean": mean_std(best)[0], "best_std": mean_std(best)[1],
-                      "teacher_logprob_warmup": sum(warm) / len(warm) if warm else None}
-        cell = lambda xs: "{:.3f} ± {:.3f}".format(*mean_std(xs))
-        per_seed = ", ".join(f"{x:.3f}" for x in final)
-        lines.append(f"| {m} | {cell(final)} | {cell(best)} | {cell(greedy)} | "
-                     f"{results[m]['teacher_logprob_warmup'] or math.nan:.3f} | {per_seed} |")
+    started = time.time()
+    configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
+               for s in seeds for m in methods}
+    workers = min(cfg.compare_workers, len(configs))
+    if workers <= 1:
+        runs = {key: _run(run_cfg) if cfg.resume else train(run_cfg) for key, run_cfg in configs.items()}
+    else:
+        # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
+        # them (two workers never train the same model at once).
+        import train_small
+        train_small.load_models(cfg, *train_small.load_splits(cfg))
+        os.environ["TQDM_DISABLE"] = "1"  # the workers' bars would interleave; one bar below counts the runs
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
+            results = pool.imap(_run, configs.values())
+            runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
+        del os.environ["TQDM_DISABLE"]
+    runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
+    results = summarise(runs, seeds, cfg)
+    results["wall_s"] = round(time.time() - started, 1)
     out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
-    initial = [h[0]["pass@1"] for h in next(iter(runs.values()))]
-    note = (f"\nHeld-out pass@1 (n={cfg.eval_samples}, T={cfg.eval_temperature}), mean ± std over seeds {cfg.seeds}, "
-            f"initial student {mean_std(initial)[0]:.3f} ± {mean_std(initial)[1]:.3f}, "
-            f"{cfg.max_steps} steps, eps0={cfg.eps0}, warmup_steps={cfg.warmup_steps}. Teacher log-prob: mean log pi_T "
-            f"of rollout tokens over the first warmup_steps steps.\n")
-    text = "\n".join(lines) + "\n" + note + example(out, methods, seeds[0])
+    text = report(results, cfg) + example(out, methods, seeds[0])
     (out / "comparison.md").write_text(text)
     plot_comparison(runs, out / "comparison.png", cfg)
     print(text)
+    return results
+
+
+def summarise(runs, seeds, cfg):
+    """Per method: per-seed final and best pass@1, AUC (mean pass@1 over evaluations), final greedy accuracy, the
+    teacher log-prob of warmup rollouts; per method other than OPD, the paired differences to OPD."""
+    results = {"methods": {}, "seeds": seeds}
+    for m, histories in runs.items():
+        evals = [[row for row in h if "pass@1" in row] for h in histories]
+        warm = [r["teacher_logprob"] for h in histories for r in h if 0 < r["step"] <= cfg.warmup_steps]
+        results["methods"][m] = {
+            "final": [e[-1]["pass@1"] for e in evals], "auc": [sum(r["pass@1"] for r in e) / len(e) for e in evals],
+            "best": [max(r["pass@1"] for r in e) for e in evals], "final_greedy": [e[-1]["greedy"] for e in evals],
+            "initial": [e[0]["pass@1"] for e in evals],
+            "teacher_logprob_warmup": sum(warm) / len(warm) if warm else None}
+    if "opd" in runs:
+        opd = results["methods"]["opd"]
+        for m, r in results["methods"].items():
+            if m != "opd":
+                r["vs_opd"] = {k: paired_ci([a - b for a, b in zip(r[k], opd[k])]) for k in ("final", "auc")}
+    return results
+
+
+def report(results, cfg):
+    """comparison.md: per-method means with 95% intervals, the paired differences to OPD, and what they show."""
+    def cell(xs):
+        stat = paired_ci(xs)  # the interval of a mean is the paired one against 0
+        return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
+
+    seeds = results["seeds"]
+    lines = [f"Held-out pass@1 over {len(seeds)} seeds ({cfg.seeds}): mean [95% CI]. AUC = mean pass@1 over the "
+             f"evaluations (every {cfg.eval_every} steps and at the end; {cfg.eval_size} problems x "
+             f"{cfg.eval_samples} samples at T={cfg.eval_temperature}). {cfg.max_steps} steps, eps0={cfg.eps0}, "
+             f"warmup_steps={cfg.warmup_steps}, student_sft_steps={cfg.student_sft_steps}. Wall time "
+             f"{results.get('wall_s', math.nan) / 60:.1f} min.", "",
+             "| method | final pass@1 | AUC | best pass@1 | final greedy | teacher log-prob (warmup) |",
+             "|---|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        logprob = r["teacher_logprob_warmup"]
+        lines.append(f"| {m} | {cell(r['final'])} | {cell(r['auc'])} | {cell(r['best'])} | "
+                     f"{cell(r['final_greedy'])} | {'-' if logprob is None else f'{logprob:.3f}'} |")
+    initial = results["methods"][next(iter(results["methods"]))]["initial"]
+    lines += ["", f"Initial student pass@1 (the same for every method): {cell(initial)}."]
+    paired = {m: r["vs_opd"] for m, r in results["methods"].items() if "vs_opd" in r}
+    if paired:
+        lines += ["", "Paired by seed, method - OPD: mean [95% CI] (Student's t, n - 1 degrees of freedom)", "",
+                  "| method - opd | final pass@1 | AUC | seeds |", "|---|---|---|---|"]
+        for m, stats in paired.items():
+            f, a = stats["final"], stats["auc"]
+            lines.append(f"| {m} | {f['mean']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
+                         f"{a['mean']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | {f['n_seeds']} |")
+        lines.append("")
+        for m, stats in paired.items():
+            lines.append(f"- {verdict(f'{m} - opd, final pass@1', stats['final'])}; "
+                         f"{verdict('AUC', stats['auc'])}.")
+    return "\n".join(lines) + "\n"
 
 
 def example(out, methods, seed):
@@ -87,32 +199,47 @@ def example(out, methods, seed):
 
 
 def plot_comparison(runs, path, cfg):
-    """pass@1 vs step (mean over seeds, band = min..max); eps and mean beta; teacher log-prob of rollouts."""
+    """pass@1 vs step (mean over seeds, 95% confidence band); the paired difference to OPD (mean, 95% band); eps and
+    mean beta; teacher log-prob of rollouts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    beta_axis = axes[1].twinx()  # eps ~ 1e-2 and beta in [0, 1] need their own scales
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    beta_axis = axes[2].twinx()  # eps ~ 1e-2 and beta in [0, 1] need their own scales
+    curves = {m: torch.tensor([[row["pass@1"] for row in h if "pass@1" in row] for h in hs], dtype=torch.float64)
+              for m, hs in runs.items()}  # (seeds, evaluations)
+
+    def band(ax, steps, x, color, label):  # mean over seeds and its 95% t interval, per evaluation
+        n = x.shape[0]
+        mean = x.mean(0)
+        half = t_quantile(0.975, n - 1) * x.std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
+        ax.plot(steps, mean, color=color, marker="o", label=label)
+        ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2)
+
     for i, (m, histories) in enumerate(runs.items()):
         color = f"C{i}"
         steps = [row["step"] for row in histories[0] if "pass@1" in row]
-        curves = torch.tensor([[row["pass@1"] for row in h if "pass@1" in row] for h in histories])  # (seeds, evals)
-        axes[0].plot(steps, curves.mean(0), color=color, marker="o", label=m)
-        axes[0].fill_between(steps, curves.min(0).values, curves.max(0).values, color=color, alpha=0.2)
+        band(axes[0], steps, curves[m], color, m)
+        if m != "opd" and "opd" in curves:
+            band(axes[1], steps, curves[m] - curves["opd"], color, f"{m} - opd")
         rows = [row for row in histories[0] if "loss" in row]
         train_steps = [r["step"] for r in rows]
-        axes[1].plot(train_steps, [r["eps"] for r in rows], color=color, label=m)
+        axes[2].plot(train_steps, [r["eps"] for r in rows], color=color, label=m)
         beta = torch.tensor([[r["beta"] for r in h if "loss" in r] for h in histories]).mean(0)  # (steps,)
         beta_axis.plot(train_steps, beta, color=color, linestyle="--")
         logprob = torch.tensor([[r["teacher_logprob"] for r in h if "loss" in r] for h in histories]).mean(0)
-        axes[2].plot(train_steps, logprob, color=color, label=m)
-    axes[0].set(xlabel="step", ylabel="held-out pass@1", title=f"pass@1 (mean over seeds {cfg.seeds}, band min-max)")
-    axes[1].set(xlabel="step", ylabel="KL budget eps (solid)", title="KL budget (solid) and mean beta (dashed)")
+        axes[3].plot(train_steps, logprob, color=color, label=m)
+    n = len(next(iter(runs.values())))
+    axes[0].set(xlabel="step", ylabel="held-out pass@1", title=f"pass@1, mean over {n} seeds, 95% CI band")
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[1].set(xlabel="step", ylabel="pass@1 difference", title="paired by seed: method - opd, 95% CI band")
+    axes[2].set(xlabel="step", ylabel="KL budget eps (solid)", title="KL budget (solid) and mean beta (dashed)")
     beta_axis.set(ylabel="mean beta over rollout tokens (dashed)", ylim=(-0.02, 1.02))
-    axes[2].set(xlabel="step", ylabel="mean log pi_T(sampled token)", title="teacher log-prob of rollout tokens")
+    axes[3].set(xlabel="step", ylabel="mean log pi_T(sampled token)", title="teacher log-prob of rollout tokens")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

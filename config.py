@@ -126,7 +126,10 @@ class Config:
     resume: bool = key("true: continue from the last complete checkpoint in out_dir")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
-    seeds: str = key("seeds used by compare", SEED_LIST)
+    seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",
+                     SEED_LIST)
+    compare_workers: int = key("compare runs in parallel, one process each (each uses num_threads threads)",
+                               at_least(1))
     # Models and data ("synthetic" = the embedded offline task; otherwise hub names or local folders)
     student: str = key("student model", EXISTING_IF_PATH)
     teacher: str = key("teacher model (must share the student's tokenizer)", EXISTING_IF_PATH)

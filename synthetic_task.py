@@ -17,6 +17,7 @@ on a CPU.
 import hashlib
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def sft(model, tokenizer, rows, steps, lr, batch_size, seed, desc):
 # The config keys that determine each cached model: a change of any of them trains a new one.
 TEACHER_KEYS = ("data_seed", "task_digits", "train_size", "teacher_layers", "teacher_hidden",
                 "teacher_sft_steps", "teacher_sft_lr", "sft_batch_size")
+EVAL_KEYS = ("data_seed", "task_digits", "train_size", "eval_size", "eval_samples", "eval_temperature",
+             "eval_max_new_tokens")  # what the teacher's cached held-out scores depend on
 STUDENT_KEYS = ("data_seed", "task_digits", "train_size", "student_layers", "student_hidden",
                 "student_sft_examples", "student_sft_steps", "student_sft_lr", "sft_batch_size", "seed")
 
@@ -124,19 +127,24 @@ def config_hash(cfg, keys, tokenizer):
 
 
 def teacher(cfg, tokenizer, train, evaluate):
-    """(teacher, its held-out scores): loaded from cache_dir, or trained by SFT on the full train split, scored by
-    evaluate(model) and saved there."""
+    """(teacher, its held-out scores): loaded from cache_dir, or trained by SFT on the full train split and saved
+    there. The scores, evaluate(model), are cached beside it per evaluation setting (EVAL_KEYS)."""
     from transformers import AutoModelForCausalLM
     path = Path(cfg.cache_dir) / f"teacher-{config_hash(cfg, TEACHER_KEYS, tokenizer)}"
-    if not (path / "eval.json").exists():
+    if not path.exists():  # written atomically: it exists only when complete
         model = tiny_qwen3(tokenizer, cfg.teacher_layers, cfg.teacher_hidden, seed=cfg.data_seed)
         sft(model, tokenizer, train, cfg.teacher_sft_steps, cfg.teacher_sft_lr, cfg.sft_batch_size, cfg.data_seed,
             desc="teacher sft")
+        save_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    scores_path = path / f"eval-{config_hash(cfg, EVAL_KEYS, tokenizer)}.json"
+    if not scores_path.exists():
         scores = evaluate(model)
-        save_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
-                                           (tmp / "eval.json").write_text(json.dumps(scores))))
-        print(f"teacher trained: held-out pass@1 {scores['pass@1']:.3f}, greedy {scores['greedy']:.3f} -> {path}")
-    return AutoModelForCausalLM.from_pretrained(path).eval(), json.loads((path / "eval.json").read_text())
+        tmp = scores_path.with_name(f".tmp-{scores_path.name}")
+        tmp.write_text(json.dumps(scores))
+        os.replace(tmp, scores_path)
+        print(f"teacher: held-out pass@1 {scores['pass@1']:.3f}, greedy {scores['greedy']:.3f} ({path})")
+    return model, json.loads(scores_path.read_text())
 
 
 def student(cfg, tokenizer, train):

@@ -127,13 +127,23 @@ def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
     teacher's, the initial student's and each method's final greedy completion) and .png."""
     run(*tiny(cache_dir, tmp_path / "cmp", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2"))
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert set(result) == {"opd", "trb"} and len(result["trb"]["final"]) == 2
+    methods = result["methods"]
+    assert set(methods) == {"opd", "trb"} and len(methods["trb"]["final"]) == 2 and "vs_opd" not in methods["opd"]
+    for name in ("final", "auc"):  # the paired difference to OPD, seed by seed
+        stat = methods["trb"]["vs_opd"][name]
+        differences = [a - b for a, b in zip(methods["trb"][name], methods["opd"][name])]
+        assert stat["n_seeds"] == 2 and stat["mean"] == pytest.approx(sum(differences) / 2)
+        assert stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| trb |" in table
+    assert "| trb |" in table and "| trb | " in table.split("method - opd")[1] and "seeds" in table
     example = table.split("Held-out problem 0, greedy, seed 0: ")[1].splitlines()  # the example at the end
     labels = [line[:20].strip() for line in example[2:6]]
     assert labels == ["teacher", "student, step 0", "opd, step 2", "trb, step 2"] and example[6] == "```"
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+    # Two runs at a time (the default) in worker processes give what one at a time in this process gives.
+    run(*tiny(cache_dir, tmp_path / "serial", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2",
+              "--compare_workers=1"))
+    assert json.loads((tmp_path / "serial" / "comparison.json").read_text())["methods"] == methods
 
 
 def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):

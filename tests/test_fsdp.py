@@ -140,6 +140,21 @@ def test_stop_check_every_k_tokens_leaves_training_unchanged(runs):
     assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "fsdp_every_token")) <= 1e-6
 
 
+def test_static_cache_under_fsdp_leaves_training_unchanged(runs):
+    """The presets' decoding, a StaticCache per model and a stop check every 16 tokens, on FSDP modules (a sharded
+    teacher included): the same greedy tokens as the dynamic cache, so the same token counts and the same losses,
+    gradient norms and weights within 1e-5 (the rollout's own statistics, read from decode logits computed over a
+    longer masked cache, within 1e-4)."""
+    run(fsdp_command(runs / "fsdp_static", runs / "cache", "--checkpoint_every=0", "--stop_check_every=16",
+                     "--cache=static"))
+    for a, b in zip(metrics(runs / "fsdp"), metrics(runs / "fsdp_static"), strict=True):
+        assert a.get("completion_tokens") == b.get("completion_tokens"), (a, b)
+        for key, tolerance in (("loss", 1e-5), ("grad_norm", 1e-5), ("teacher_logprob", 1e-4), ("beta", 1e-4)):
+            if key in a:
+                assert abs(a[key] - b[key]) <= tolerance * max(abs(a[key]), 1e-3), (key, a, b)
+    assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "fsdp_static")) <= 1e-5
+
+
 def test_hsdp_and_activation_checkpointing_reproduce_single_process(runs):
     """HSDP on a 2-D mesh (hsdp_shard_size=1: two replicas of one shard each, gradients all-reduced across them) with
     per-layer activation checkpointing of the student: train_small.py's losses and weights within 1e-4."""

@@ -600,10 +600,14 @@ _STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> (batch size, length, it
 CACHE_BUCKET = 256  # static caches hold prompt + max_new_tokens rounded up to this: few shapes, few recompiles
 
 
-def _static_cache(model, batch_size, length):
-    """A StaticCache for model, reset and reused while batch size and length stay the same: a compiled step, and CUDA
-    graphs above all, are specialised to the cache's buffers, so new buffers would mean a new compile or capture."""
+def _static_cache(model, batch_size, length, keep):
+    """A StaticCache for model. keep: reset and reuse the one kept from the last call while batch size and length
+    stay the same, because a compiled step, and CUDA graphs above all, are specialised to the cache's buffers (new
+    buffers would mean a new compile or capture); the kept cache then stays allocated between calls, through the
+    loss and evaluation. Otherwise a new one, freed when the rollout returns."""
     from transformers import StaticCache
+    if not keep:
+        return StaticCache(config=model.config, max_cache_len=length)
     kept = _STATIC_CACHES.get(model)
     if kept is not None and kept[:2] == (batch_size, length):
         kept[2].reset()
@@ -632,9 +636,9 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
     pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
     cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
-    preallocated for the prompt plus max_new_tokens rounded up to CACHE_BUCKET, reused across calls). compile: compile the
-    per-token step (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the
-    static cache. Sampling noise is drawn outside the compiled step, from generator.
+    preallocated for the prompt plus max_new_tokens rounded up to CACHE_BUCKET). compile: compile the per-token step
+    (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the static cache, and
+    keeps each model's cache allocated from one call to the next (see _static_cache). Sampling noise is drawn outside the compiled step, from generator.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
@@ -673,7 +677,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
     if cache == "static":  # fixed shapes: the mask covers the whole cache (future columns are causally masked)
         length = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-        caches = [_static_cache(m, B, length) for m in models]
+        caches = [_static_cache(m, B, length, keep=compile) for m in models]
         mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - P)], dim=-1)  # (B, L)
     else:
         caches, mask = [None] * len(models), attention_mask.clone()  # (B, P+n) grows by one column per step

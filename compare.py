@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -76,7 +77,12 @@ def _run(run_cfg):
         return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
-    return train_small.train(run_cfg)
+    if multiprocessing.parent_process() is None:
+        return train_small.train(run_cfg)
+    # A worker: its bars and prints go to the run's own progress.log (several at once would interleave on screen).
+    Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
+        return train_small.train(run_cfg)
 
 
 def _prepare(run_cfg):
@@ -84,7 +90,8 @@ def _prepare(run_cfg):
     import train_small
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
-    train_small.load_models(run_cfg, *train_small.load_splits(run_cfg))
+    with open(os.devnull, "w") as quiet, redirect_stderr(quiet), redirect_stdout(quiet):
+        train_small.load_models(run_cfg, *train_small.load_splits(run_cfg))
 
 
 def compare(cfg, train):
@@ -102,12 +109,10 @@ def compare(cfg, train):
         # them (two workers never train the same model at once).
         import train_small
         train_small.load_models(cfg, *train_small.load_splits(cfg))
-        os.environ["TQDM_DISABLE"] = "1"  # the workers' bars would interleave; one bar below counts the runs
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(_run, configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
-        del os.environ["TQDM_DISABLE"]
     runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
     results = summarise(runs, seeds, cfg)
     results["wall_s"] = round(time.time() - started, 1)

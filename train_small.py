@@ -10,7 +10,7 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     ./run.sh                                                # the same on a fresh clone (sets up .venv first)
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
-    python train_small.py --compare=opd,trb,fixed_eps,skd --seeds=0,1,2 --out_dir=runs/compare
+    python train_small.py --compare=opd,trb                  # seeds 0-7, paired differences with 95% intervals
     python train_small.py --config=configs/gsm8k_1gpu.yaml                 # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
 Read top-down: data and models, the hooks where train_fsdp.py differs, the training step, evaluation, the loop.

@@ -1,0 +1,22 @@
+"""bench.py decode runs end to end on CPU at small shapes (the GPU table uses the same code at Qwen3's shapes)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_benchmark_runs_on_cpu():
+    """Every requested setting prints one row with tokens/s for ours and Hugging Face's, their ratio and the rule's
+    share; a bad --dtype is one line."""
+    out = subprocess.run([sys.executable, "bench.py", "decode", "--settings=eager,static", "--runs=1", "--batch=2",
+                          "--new_tokens=4", "--prompt_tokens=8"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("tiny <- small")]
+    assert [row[5] for row in rows] == ["eager", "static"]
+    for row in rows:
+        assert float(row[6]) > 0 and float(row[7]) > 0 and float(row[8]) > 0 and row[9].endswith("%")
+    bad = subprocess.run([sys.executable, "bench.py", "decode", "--dtype=float16"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: --dtype: expected float32 or bfloat16, "
+                                                                       "got 'float16'"]

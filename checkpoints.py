@@ -53,11 +53,16 @@ def read_log(path, upto_step):
     return [row for row in rows if row["step"] <= upto_step]
 
 
-def rewrite_log(path, rows):
-    """A .jsonl log replaced by `rows` in one rename: a kill at any moment leaves the old log or the new one."""
+def write_atomically(path, text):
+    """A file replaced by `text` in one rename: a kill at any moment leaves the old file or the new one."""
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def rewrite_log(path, rows):
+    """A .jsonl log replaced by `rows`, atomically."""
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def save_checkpoint(out_dir, step, student, optimizer, generator):

@@ -69,17 +69,23 @@ def run_dir(out_dir, method, seed):
     return Path(out_dir) / f"{method}_seed{seed}"
 
 
+def finished(run_cfg):
+    """With --resume=true, the metrics history of a run that finished earlier (it has its summary.json), else None."""
+    out = Path(run_cfg.out_dir)
+    if run_cfg.resume and (out / "summary.json").exists():
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return None
+
+
 def _run(run_cfg):
-    """One method-seed run in a worker process: its metrics history (read back if it finished earlier)."""
+    """One method-seed run in a worker process, its metrics history; its bars and prints go to the run's own
+    progress.log (several runs at once would interleave on screen)."""
     import train_small
-    summary = Path(run_cfg.out_dir) / "summary.json"
-    if run_cfg.resume and summary.exists():
-        return [json.loads(line) for line in open(Path(run_cfg.out_dir) / "metrics.jsonl")]
+    history = finished(run_cfg)
+    if history is not None:
+        return history
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
-    if multiprocessing.parent_process() is None:
-        return train_small.train(run_cfg)
-    # A worker: its bars and prints go to the run's own progress.log (several at once would interleave on screen).
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
         return train_small.train(run_cfg)
@@ -103,7 +109,7 @@ def compare(cfg, train):
                for s in seeds for m in methods}
     workers = min(cfg.compare_workers, len(configs))
     if workers <= 1:
-        runs = {key: _run(run_cfg) if cfg.resume else train(run_cfg) for key, run_cfg in configs.items()}
+        runs = {key: finished(run_cfg) or train(run_cfg) for key, run_cfg in configs.items()}
     else:
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).

@@ -17,7 +17,6 @@ on a CPU.
 import hashlib
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import trb
-from checkpoints import save_atomically
+from checkpoints import save_atomically, write_atomically
 from config import die
 
 
@@ -140,9 +139,7 @@ def teacher(cfg, tokenizer, train, evaluate):
     scores_path = path / f"eval-{config_hash(cfg, EVAL_KEYS, tokenizer)}.json"
     if not scores_path.exists():
         scores = evaluate(model)
-        tmp = scores_path.with_name(f".tmp-{scores_path.name}")
-        tmp.write_text(json.dumps(scores))
-        os.replace(tmp, scores_path)
+        write_atomically(scores_path, json.dumps(scores))
         print(f"teacher: held-out pass@1 {scores['pass@1']:.3f}, greedy {scores['greedy']:.3f} ({path})")
     return model, json.loads(scores_path.read_text())
 

@@ -638,7 +638,8 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
     preallocated for the prompt plus max_new_tokens rounded up to CACHE_BUCKET). compile: compile the per-token step
     (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the static cache, and
-    keeps each model's cache allocated from one call to the next (see _static_cache). Sampling noise is drawn outside the compiled step, from generator.
+    keeps each model's cache allocated from one call to the next (see _static_cache). Sampling noise is drawn
+    outside the compiled step, from generator.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")

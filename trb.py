@@ -597,7 +597,22 @@ def _decode_step(models, caches, token, mask, positions, eps, noise, token_rule,
 
 _COMPILED_STEP = {}  # mode -> the compiled _decode_step (torch.compile recompiles it for new shapes)
 _STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> (batch size, length, its StaticCache), reused across calls
-CACHE_BUCKET = 256  # static caches hold prompt + max_new_tokens rounded up to this: few shapes, few recompiles
+
+
+def static_cache_length(prompt_tokens, max_new_tokens):
+    """
+    Positions of a static KV cache for P prompt and N new tokens: P + N rounded up to a multiple of 1/8 of the power
+    of two at or above it (at least 256), i.e. eight lengths per octave. Few lengths mean few compiled shapes: every
+    P up to 1024 with N = 7168 gives 8192, with N = 8192 gives 10240. At most a quarter of the cache is spare.
+    """
+    n = prompt_tokens + max_new_tokens
+    step = max(256, (1 << max(n - 1, 1).bit_length()) // 8)
+    return -(-n // step) * step
+
+
+def padded_rows(rows):
+    """Rows of a compiled decode call: the power of two at or above `rows` (the extra rows are done from the start)."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 def _static_cache(model, batch_size, length, keep):
@@ -636,7 +651,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
     pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
     cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
-    preallocated for the prompt plus max_new_tokens rounded up to CACHE_BUCKET). compile: compile the per-token step
+    preallocated for the prompt plus max_new_tokens, see static_cache_length). compile: compile the per-token step
     (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the static cache, and
     keeps each model's cache allocated from one call to the next (see _static_cache). Sampling noise is drawn
     outside the compiled step, from generator.
@@ -677,7 +692,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
 
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
     if cache == "static":  # fixed shapes: the mask covers the whole cache (future columns are causally masked)
-        length = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        length = static_cache_length(P, max_new_tokens)
         caches = [_static_cache(m, B, length, keep=compile) for m in models]
         mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - P)], dim=-1)  # (B, L)
     else:

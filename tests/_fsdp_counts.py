@@ -7,6 +7,7 @@ Helper of tests/test_fsdp.py, run under `torchrun --nproc_per_node=2`. With FSDP
   step, the length of the teacher's forward record after each step, and FSDP's warnings.
 Rank 0 prints one JSON line.
 """
+import gc
 import json
 import sys
 import warnings
@@ -80,6 +81,7 @@ def main():
     result["view_warnings"] = sum("view tensor" in str(w.message) for w in caught)
     if rank == 0:
         print(json.dumps(result))
+    gc.collect()  # free FSDP's gloo work objects while the interpreter is whole (else, now and then, SIGABRT at exit)
     dist.barrier()
     dist.destroy_process_group()
 

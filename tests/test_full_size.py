@@ -214,3 +214,48 @@ def test_collective_timeout_comes_from_config(monkeypatch):
     train_fsdp.init_distributed(90)
     assert seen["timeout"] == timedelta(minutes=90)
     assert config.load_config([]).dist_timeout_minutes >= 30
+
+
+@pytest.fixture(scope="module")
+def long_context_folders(tmp_path_factory):
+    """A tiny student and teacher with Qwen3's rotary settings (head_dim 128, rope_theta 1e6) saved as float32
+    folders, with a small tokenizer: what load_models reads for real models."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    root = tmp_path_factory.mktemp("long_context")
+    tokenizer = synthetic_task.char_tokenizer()
+    for name, seed in (("student", 1), ("teacher", 2)):
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                             num_attention_heads=1, num_key_value_heads=1, head_dim=128, rope_theta=1e6,
+                             max_position_embeddings=8192, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        torch.manual_seed(seed)
+        Qwen3ForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def test_bf16_teacher_and_decoding_copy_keep_float32_rotary_frequencies(long_context_folders):
+    """With a bf16 compute dtype the teacher and the student's decoding copy are bf16 but their rotary frequencies
+    stay float32, so their logits at positions in the thousands equal those of from_pretrained(dtype=bf16): the same
+    bf16 weights and float32 frequencies through the same kernels. A model whose inv_freq was rounded to bf16 (what
+    nn.Module.to(bf16) does) is not."""
+    from transformers import AutoModelForCausalLM
+    cfg = config.load_config([f"--config={ROOT / 'configs' / 'gsm8k_1gpu.yaml'}", "--dtype=bfloat16",
+                              f"--student={long_context_folders / 'student'}",
+                              f"--teacher={long_context_folders / 'teacher'}"])
+    _, student, teacher, _ = train_small.load_models(cfg, None, None)
+    decoding = train_small.SingleDevice(cfg).for_decoding(student)
+    ids = torch.randint(3, 18, (1, 16))
+    positions = torch.arange(3000, 3016)[None]  # (1, 16) far into the context
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=positions).logits.float()
+    for model, name in ((teacher, "teacher"), (decoding, "student")):
+        assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+        reference = AutoModelForCausalLM.from_pretrained(long_context_folders / name, dtype=torch.bfloat16)
+        assert reference.model.rotary_emb.inv_freq.dtype == torch.float32
+        assert torch.equal(logits(model), logits(reference))
+        rounded = reference.to(torch.bfloat16)  # nn.Module.to: inv_freq rounded to bf16
+        assert rounded.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+        assert not torch.equal(logits(rounded), logits(model))

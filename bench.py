@@ -34,9 +34,8 @@ def median_time(fn, repeats, warmup=2):
     return statistics.median(times)
 
 
-def solve_inputs():
+def solve_inputs(B=8, V=151936):
     g = torch.Generator().manual_seed(0)
-    B, V = 8, 151936
     student = torch.randn(B, V, generator=g) * 3  # (B, V) student logits
     teacher = student + torch.randn(B, V, generator=g) * 2  # (B, V) a correlated, different teacher
     return student, teacher
@@ -87,7 +86,32 @@ def bench_solve(args):
               f"mean beta {row['mean_beta']:.4f}  max |KL-eps|/eps {row['max_rel_kl_error']:.1e}")
     print(f"  for scale: trb.solve_beta_bisect (the paper's bisection), 40 steps, float32 = "
           f"{t_bisect / t_ref:.0f}x log_softmax")
+    (eager_ops, eager_ms), (traced_ops, traced_ms) = token_rule_ops(True), token_rule_ops(False)
+    print(f"blend_token_rule per token at B=16, V=151936, eps=0.02 (torch.profiler, top-level aten ops; on a GPU "
+          f"each is a kernel launch):\n  eager, as decoded on a CPU or GPU: {eager_ops:5d} ops, {eager_ms:6.1f} ms CPU"
+          f"\n  no host reads (a torch.compile trace): {traced_ops:5d} ops, {traced_ms:6.1f} ms CPU "
+          f"({traced_ops / eager_ops:.0f}x the ops)")
     return rows
+
+
+def token_rule_ops(reads, B=16, V=151936, eps=0.02):
+    """(top-level aten ops, their CPU ms) of one blend_token_rule call at (B, V), profiled after a warm-up call.
+    reads=True: the eager rule, as blended_generate runs it on a CPU or a GPU (it reads values to stop early);
+    False: the rule with no host read, as inside a torch.compile trace (all iterations, both forms of the blend).
+    On a GPU each op is at least one kernel launch."""
+    from torch.profiler import ProfilerActivity, profile
+    student, teacher = solve_inputs(B, V)
+    noise = torch.empty(1, B, V).exponential_(generator=torch.Generator().manual_seed(1))
+    may_read = trb._may_read
+    trb._may_read = may_read if reads else (lambda x: False)
+    try:
+        trb.blend_token_rule(student, teacher, eps, noise)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trb.blend_token_rule(student, teacher, eps, noise)
+    finally:
+        trb._may_read = may_read
+    top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    return len(top), sum(e.cpu_time_total for e in top) / 1e3
 
 
 def _peak_memory_child(mode, chunk_size):
@@ -216,7 +240,7 @@ def bench_decode(args):
     Rollout decoding: blended_generate at eps = 0.02 (both models in lockstep, solve and blend per token) against
     student.generate followed by teacher.generate, each decoding exactly N tokens per row from the same prompts, with
     the same settings: eager with a DynamicCache, a StaticCache, a StaticCache with a compiled step (ours: both
-    forwards and the token rule; Hugging Face: the forward, with CUDA graphs on a GPU). Reports tokens/s (B * N over
+    forwards, the token rule eager; Hugging Face: the forward, with CUDA graphs on a GPU). Reports tokens/s (B * N over
     wall time, compile excluded by a warm-up call), the token rule's share of a blended decode step, and peak memory.
     """
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -269,11 +293,7 @@ def bench_decode(args):
                     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else math.nan
                     logits = torch.randn(2, B, V, generator=g, device=device) * 3
                     noise = torch.empty(1, B, V, device=device).exponential_(generator=g)
-                    eps = torch.tensor(0.02, device=device)
-                    rule = trb.blend_token_rule
-                    if compile:
-                        rule = torch.compile(trb.blend_token_rule, fullgraph=True, dynamic=False,
-                                             mode="reduce-overhead" if device.type == "cuda" else None)
+                    eps, rule = 0.02, trb.blend_token_rule  # eager in every setting, as blended_generate runs it
                     rule(logits[0], logits[0] + logits[1], eps, noise)  # warm-up
                     t_rule = statistics.median(timed(lambda: rule(logits[0], logits[0] + logits[1], eps, noise))
                                                for _ in range(20))

@@ -83,8 +83,8 @@ class Config:
                                 "tokens; each ask is a host sync and an all-reduce", at_least(1))
     cache: str = key("KV caches of rollouts and evaluation: dynamic (grown per token) or static (preallocated, needed "
                      "by compile)", one_of("dynamic", "static"))
-    compile: bool = key("torch.compile the per-token decode step (both forwards and the token rule; CUDA graphs on a "
-                        "GPU); needs cache static")
+    compile: bool = key("torch.compile both models' per-token forwards (CUDA graphs on a GPU; the token rule stays "
+                        "eager); needs cache static")
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))
     micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "

@@ -18,6 +18,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, fields
 
@@ -88,12 +89,12 @@ class _Blend:
 
     def __call__(self, beta):
         """Returns A(beta) - log(mass) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,). Each row takes the relative form
-        unless exp(beta r) could overflow there; both are computed and picked per row, except where reading the
-        choice costs no device sync (see _reads_are_free) and one form serves every row."""
+        unless exp(beta r) could overflow there; both are computed and picked per row, except where the host may
+        read the choice (see _may_read) and one form serves every row."""
         relative = beta * self.r_max <= 60  # (B,)
-        if _reads_are_free(relative) and bool(relative.all()):
+        if _may_read(relative) and bool(relative.all()):
             return self._relative(beta)
-        if _reads_are_free(relative) and not bool(relative.any()):
+        if _may_read(relative) and not bool(relative.any()):
             return self._log_space(beta)
         return tuple(torch.where(relative, x, y) for x, y in zip(self._relative(beta), self._log_space(beta)))
 
@@ -117,15 +118,16 @@ class _Blend:
         return a.to(e.dtype), first.to(e.dtype), second, third
 
 
-def _reads_are_free(x):
+def _may_read(x):
     """
-    Whether the host may read x's values without stalling a device: x is on the CPU (the host is the device) and no
-    torch.compile trace is running. The token rule is fixed-shape tensor code with masked updates, so on a GPU it never
-    waits for the device and compiles without a graph break; where reads are free it skips work whose result every
-    row would mask out (a finished solve's iterations, a form no row needs). The result is the same either way: the
-    skipped work changes no value that is returned.
+    Whether the token rule may read x's values on the host: always, except inside a torch.compile trace. The rule is
+    fixed-shape tensor code with masked updates, so it also runs with no read at all (and compiles whole); where it may
+    read, it skips work whose result every row would mask out (a finished solve's iterations, a form no row needs).
+    The result is the same either way: the skipped work changes no value that is returned. On a GPU each read waits
+    for the device, but the rule's cost there is its kernel launches (one per op, each longer than the kernel itself
+    at (B, V) = (16, 151936)): the reads cut them from ~7,300 per token to ~230, and a wait costs far less than that.
     """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling()
 
 
 @torch.no_grad()
@@ -185,16 +187,16 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     of the blend (see _Blend) after pi_S's own moments.
     eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in the logits' float dtype
     (float32 for bf16/fp16 input). Rows whose supports are disjoint get beta* = 0 (no blend exists).
-    Fixed-shape code: max_iter masked iterations, and a row that has stopped keeps its value, so nothing waits for a
-    GPU and torch.compile traces it whole; a row still open after max_iter returns the feasible end of its bracket.
-    A bad eps raises where it can be read for free (a float, a CPU tensor); elsewhere its rows get NaN.
+    Fixed-shape code: max_iter masked iterations, and a row that has stopped keeps its value; outside a torch.compile
+    trace the loop ends once every row has stopped (see _may_read), inside it runs them all. A row still open after
+    max_iter returns the feasible end of its bracket. A bad eps raises, except inside a trace, where its rows get NaN.
     """
     dtype = _compute_dtype(student_logits)
     batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
     if not torch.is_tensor(eps) and not eps >= 0:  # a Python number is checked for free
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
     eps = torch.as_tensor(eps, dtype=dtype, device=student_logits.device).expand(batch_shape).reshape(-1)  # (B,)
-    free = _reads_are_free(eps)  # see _reads_are_free: on a GPU, nothing below waits for the device
+    free = _may_read(eps)  # see _may_read: inside a torch.compile trace, nothing below reads a value
     if free and not bool((eps >= 0).all()):
         raise ValueError("eps must be >= 0 (inf allowed)")
     if free and bool((eps == 0).all()):
@@ -235,7 +237,7 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     lo, hi = torch.zeros_like(beta), torch.ones_like(beta)  # KL(lo) <= eps < KL(hi) once hi_known
     hi_known = torch.zeros_like(done)
     sqrt_eps = torch.sqrt(eps)
-    # max_iter masked iterations: a row that is done keeps its beta_star. Where reads are free, the loop ends once
+    # max_iter masked iterations: a row that is done keeps its beta_star. Where the host may read, the loop ends once
     # every row is done; the rest would change nothing.
     for _ in range(max_iter):
         if free and bool(done.all()):
@@ -281,7 +283,7 @@ def blend_logprobs(student_logits, teacher_logits, beta):
     # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support. Those rows are
     # log_softmax(student) as computed here, not normalised a second time: equal to pi_S by construction, on any CPU.
     fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))  # (...)
-    if not _reads_are_free(fallback) or bool(fallback.any()):
+    if not _may_read(fallback) or bool(fallback.any()):
         pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
         log_mu = torch.where(fallback.unsqueeze(-1), pure_student, log_mu)
     return log_mu
@@ -514,23 +516,20 @@ def _sample(log_probs, noise):
     return (log_probs - noise.log()).argmax(dim=-1)
 
 
-SOLVE_MAX_ITER = 50  # the token rule's solver iterations (a compiled step unrolls them all)
-
-
 def blend_token_rule(student_logits, teacher_logits, eps, noise):
     """
     The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None when
     eps = 0 (pure student). eps: a float or a 0-d tensor. noise: None (greedy) or (draws, B, V) Exp(1) draws, where
     draws is the rule's `draws` attribute. A token rule returns a dict of (B,) tensors: `token` and the Rollout fields
     `beta`, `behavior_logprobs` (log mu(token)), `realised_kl` (KL(mu || pi_S)) and `replaced`. It is fixed-shape
-    tensor code with no host synchronisation (see _reads_are_free), so torch.compile traces it whole.
+    tensor code that torch.compile can trace whole (see _may_read).
     """
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)
         log_mu, kl = log_ps, torch.zeros_like(beta)
     else:
-        beta = solve_beta(student_logits, teacher_logits, eps, max_iter=SOLVE_MAX_ITER)  # (B,)
+        beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
         kl = _kl(log_mu, log_ps)
     token = _sample(log_mu, None if noise is None else noise[0])  # (B,)
@@ -566,17 +565,23 @@ def skd_token_rule(top_k, teacher_temperature):
     return rule
 
 
-def _next_logits(model, ids, mask, positions, cache, vocab_size, tau, eos_ids):
-    """One forward of a model with its KV cache: (B, V) logits of the last position, on the shared tokenizer range,
-    divided by the temperature, EOS ids merged; the cache is updated (a static one in place)."""
+def _last_logits(model, ids, mask, positions, cache, vocab_size):
+    """One forward of a model with its KV cache (updated in place): (B, V) float32 logits of the last position, on the
+    shared tokenizer range."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
-    logits = out.logits[:, -1, :vocab_size].float() / tau  # (B, V)
-    return canonicalise_eos(logits, eos_ids), out.cache
+    return out.logits[:, -1, :vocab_size].float()
 
 
-def _pick(logits, eps, noise, token_rule):
-    """The token rule on the (B, V) logits of the models (student first), plus the teacher's view of the token."""
+def _feed(models, caches, token, mask, positions, vocab_size):
+    """The per-token forwards after the prefill: each model is fed its newest token (B,); what compile=True compiles."""
+    return [_last_logits(m, token[:, None], mask, positions, c, vocab_size) for m, c in zip(models, caches)]
+
+
+def _pick(logits, eps, noise, token_rule, tau, eos_ids):
+    """The token rule on the models' (B, V) logits (student first), divided by the temperature with the EOS ids merged,
+    plus the teacher's view of the token."""
+    logits = [canonicalise_eos(x / tau, eos_ids) for x in logits]
     student_logits, teacher_logits = logits[0], (logits[1] if len(logits) > 1 else None)
     step = token_rule(student_logits, teacher_logits, eps, noise)
     if teacher_logits is not None:
@@ -586,17 +591,6 @@ def _pick(logits, eps, noise, token_rule):
     else:
         step["teacher_logprobs"] = step["teacher_entropy"] = torch.full_like(step["beta"], math.nan)
     return step
-
-
-def _decode_step(models, caches, token, mask, positions, eps, noise, token_rule, vocab_size, tau, eos_ids):
-    """The per-token step after the prefill: feed each model its newest token, then pick the next one."""
-    logits = [_next_logits(m, token[:, None], mask, positions, c, vocab_size, tau, eos_ids)[0]
-              for m, c in zip(models, caches)]
-    return _pick(logits, eps, noise, token_rule)
-
-
-_COMPILED_STEP = {}  # mode -> the compiled _decode_step (torch.compile recompiles it for new shapes)
-_STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> (batch size, length, its StaticCache), reused across calls
 
 
 def static_cache_length(prompt_tokens, max_new_tokens):
@@ -615,27 +609,61 @@ def padded_rows(rows):
     return 1 << max(rows - 1, 0).bit_length()
 
 
-def _static_cache(model, batch_size, length, keep):
-    """A StaticCache for model. keep: reset and reuse the one kept from the last call while batch size and length
-    stay the same, because a compiled step, and CUDA graphs above all, are specialised to the cache's buffers (new
-    buffers would mean a new compile or capture); the kept cache then stays allocated between calls, through the
-    loss and evaluation. Otherwise a new one, freed when the rollout returns."""
-    from transformers import StaticCache
-    if not keep:
-        return StaticCache(config=model.config, max_cache_len=length)
-    kept = _STATIC_CACHES.get(model)
-    if kept is not None and kept[:2] == (batch_size, length):
-        kept[2].reset()
-        return kept[2]
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    _STATIC_CACHES[model] = (batch_size, length, cache)
-    return cache
+class _CompiledFeed:
+    """
+    _feed under torch.compile, one per (device type, backend), and its kept static caches. Compiled code is specialised
+    to its input shapes (rows, cache length) and dynamo stops after 8 of them (its recompile limit), so blended_generate
+    pads rows to a power of two (padded_rows) and caches to a few lengths (static_cache_length): a training run with
+    its evaluations needs about six. If a compile fails all the same, one warning says so and decoding goes on eagerly.
+    A compiled step, and CUDA graphs above all, is specialised to the caches' buffers too, so each model's static cache
+    is kept and reset while its shape stays the same; it then stays allocated between calls, through the loss and
+    evaluation (the memory plan counts it).
+    """
+
+    def __init__(self, device_type, backend):
+        self.mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None  # CUDA graphs
+        self.fn = torch.compile(_feed, fullgraph=True, dynamic=False, mode=self.mode, backend=backend)
+        self.failed = False
+        self.caches = weakref.WeakKeyDictionary()  # model -> (rows, length, its StaticCache)
+
+    def __call__(self, *args):
+        if self.failed:
+            return _feed(*args)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs have been consumed
+        try:
+            return self.fn(*args)
+        except Exception as error:  # noqa: BLE001 - a compile that fails must not end a run; the step is rerun
+            self.failed = True  # eagerly (it rewrites the same cache entries: a compile fails before any runs)
+            warnings.warn(f"compile=True: the compiled decode step failed ({type(error).__name__}: "
+                          f"{(str(error).splitlines() or [''])[0][:200]}); decoding goes on eagerly")
+            return _feed(*args)
+
+    def static_cache(self, model, rows, length):
+        """The kept StaticCache of model, reset, while rows and length stay the same; else a new one, kept."""
+        from transformers import StaticCache
+        kept = self.caches.get(model)
+        if kept is not None and kept[:2] == (rows, length):
+            kept[2].reset()
+            return kept[2]
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        self.caches[model] = (rows, length, cache)
+        return cache
+
+
+_COMPILED = {}  # (device type, backend) -> _CompiledFeed
+
+
+def _compiled_feed(device_type, backend):
+    if (device_type, backend) not in _COMPILED:
+        _COMPILED[device_type, backend] = _CompiledFeed(device_type, backend)
+    return _COMPILED[device_type, backend]
 
 
 @torch.no_grad()
 def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
                      eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
-                     all_finished=None, stop_check_every=1, cache="dynamic", compile=False):
+                     all_finished=None, stop_check_every=1, cache="dynamic", compile=False, compile_backend="inductor"):
     """
     E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
     mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
@@ -651,10 +679,12 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
     pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
     cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
-    preallocated for the prompt plus max_new_tokens, see static_cache_length). compile: compile the per-token step
-    (both forwards and the token rule) with torch.compile, with CUDA graphs on a GPU; needs the static cache, and
-    keeps each model's cache allocated from one call to the next (see _static_cache). Sampling noise is drawn
-    outside the compiled step, from generator.
+    preallocated for static_cache_length(P, max_new_tokens) positions). compile: torch.compile both models' per-token
+    forwards as one step (CUDA graphs on a GPU; compile_backend "inductor", or e.g. "eager" to test the guards without
+    code generation); needs the static cache. The compiled step pads the rows to a power of two, keeps each model's
+    cache from one call to the next and falls back to eager decoding if a compile fails (see _CompiledFeed). The token
+    rule always runs eagerly: its solver stops once every row has converged, which a graph cannot. Sampling noise is
+    drawn from generator for the real rows only, so padding changes no draw.
     """
     if eps < 0 or math.isnan(eps):
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
@@ -680,39 +710,44 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     if vocab_size is None:
         vocab_size = min(m.get_output_embeddings().weight.shape[0] for m in models)
     draws = getattr(token_rule, "draws", 1)
-    noise = lambda: None if greedy else torch.empty(draws, B, vocab_size, device=device).exponential_(
-        generator=generator)  # (draws, B, V) Exp(1), drawn in a fixed order: a seeded run is reproducible
-    eps_t = torch.tensor(float(eps), device=device)  # a tensor, so a compiled step is not specialised to its value
-    step_fn = _decode_step
-    if compile:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs replay the whole step
-        if mode not in _COMPILED_STEP:
-            _COMPILED_STEP[mode] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
-        step_fn = _COMPILED_STEP[mode]
+    rows = padded_rows(B) if compile else B  # compiled: extra rows (copies of row 0) are done from the start
+    if rows > B:
+        input_ids, attention_mask = (torch.cat([x, x[:1].expand(rows - B, -1)]) for x in (input_ids, attention_mask))
+
+    def noise():  # (draws, rows, V) Exp(1), drawn in a fixed order for the B real rows: a seeded run is reproducible
+        if greedy:
+            return None
+        real = torch.empty(draws, B, vocab_size, device=device).exponential_(generator=generator)
+        return torch.cat([real, real.new_ones(draws, rows - B, vocab_size)], dim=1)
 
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
     if cache == "static":  # fixed shapes: the mask covers the whole cache (future columns are causally masked)
+        from transformers import StaticCache
         length = static_cache_length(P, max_new_tokens)
-        caches = [_static_cache(m, B, length, keep=compile) for m in models]
-        mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - P)], dim=-1)  # (B, L)
+        compiled = _compiled_feed(device.type, compile_backend) if compile else None
+        caches = [compiled.static_cache(m, rows, length) if compile else
+                  StaticCache(config=m.config, max_cache_len=length) for m in models]
+        mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
     else:
-        caches, mask = [None] * len(models), attention_mask.clone()  # (B, P+n) grows by one column per step
-    prefill = [_next_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size, tau, eos_ids)
-               for m, c in zip(models, caches)]
-    logits, caches = [x[0] for x in prefill], [x[1] for x in prefill]
-    positions = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) the next token's position in each row
-    step = _pick(logits, eps_t, noise(), token_rule)
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that have emitted EOS
+        from transformers import DynamicCache
+        caches = [DynamicCache(config=m.config) for m in models]
+        mask = attention_mask.clone()  # (rows, P+n) grows by one column per step
+    feed = compiled if compile else _feed
+    logits = [_last_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size)
+              for m, c in zip(models, caches)]
+    positions = attention_mask.long().sum(-1, keepdim=True)  # (rows, 1) the next token's position in each row
+    step = _pick(logits, eps, noise(), token_rule, tau, eos_ids)
+    done = torch.arange(rows, device=device) >= B  # (rows,) rows that have emitted EOS (and the padding rows)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (E,)
-    columns = {name: [] for name in ROLLOUT_COLUMNS}  # per step, one (B,) tensor for each (B, N) Rollout field
+    columns = {name: [] for name in ROLLOUT_COLUMNS}  # per step, one (rows,) tensor for each (B, N) Rollout field
     for n in range(1, max_new_tokens + 1):
         # 2. The step's token (drawn by the token rule from both models' logits), masked after EOS.
-        token = step.pop("token")  # (B,)
+        token = step.pop("token")  # (rows,)
         if eos_ids:
             token = token.masked_fill(done, pad_token_id)
         step.update(tokens=token, completion_mask=~done)
         for name in ROLLOUT_COLUMNS:
-            columns[name].append(step[name].clone() if compile else step[name])  # CUDA graphs reuse their outputs
+            columns[name].append(step[name])
         if eos_ids:
             done = done | torch.isin(token, eos)
         if n == max_new_tokens or (n % stop_check_every == 0 and all_finished(done)):
@@ -720,13 +755,13 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         # 3. Feed the token to both caches and pick the next one.
         if cache == "dynamic":
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        step = step_fn(models, caches, token, mask, positions, eps_t, noise(), token_rule, vocab_size, tau, eos_ids)
+        step = _pick(feed(models, caches, token, mask, positions, vocab_size), eps, noise(), token_rule, tau, eos_ids)
         positions = positions + 1
-    # 4. Stack each column into a (B, N) tensor (N = 0: an empty one of the field's dtype).
-    stacked = {name: torch.stack(column, dim=1) if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
-                                                                           device=device)
+    # 4. Stack each column into a (B, N) tensor of the real rows (N = 0: an empty one of the field's dtype).
+    stacked = {name: torch.stack(column, dim=1)[:B] if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
+                                                                               device=device)
                for name, column in columns.items()}
-    return Rollout(sequences=torch.cat([input_ids, stacked.pop("tokens")], dim=1), **stacked)
+    return Rollout(sequences=torch.cat([input_ids[:B], stacked.pop("tokens")], dim=1), **stacked)
 
 
 # -----------------------------------------------------------------------------

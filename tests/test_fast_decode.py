@@ -1,9 +1,10 @@
 """
-Issue 10's fast decode path against the eager one: the token rule without host synchronisation (what runs on a GPU
-and under torch.compile) equals the CPU path with its shortcuts; torch.compile traces the solver and the blend whole;
-static KV caches and the compiled per-token step give the tokens of the dynamic, eager path.
+The fast decode path against the plain one: the token rule with no host read (what a torch.compile trace of it runs)
+equals the eager rule with its shortcuts and traces whole; the eager rule's op count per token is pinned; static KV
+caches and the compiled per-token step give the tokens of the dynamic, eager path, for any number of call shapes.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,22 +18,22 @@ EPS_ROWS = torch.tensor([0.0, math.inf, 1e-3, 1e-2, 0.1, 0.5])  # one budget per
 
 @pytest.fixture
 def no_free_reads(monkeypatch):
-    """Run the token rule as on a GPU: every iteration, both forms of the blend, no reads of tensor values."""
-    monkeypatch.setattr(trb, "_reads_are_free", lambda x: False)
+    """Run the token rule as inside a torch.compile trace: every iteration, both forms of the blend, no reads."""
+    monkeypatch.setattr(trb, "_may_read", lambda x: False)
 
 
 @pytest.mark.parametrize("case", list(logit_cases()))
 def test_sync_free_token_rule_equals_the_cpu_shortcuts(case, monkeypatch):
     """
     Without reads of tensor values the solver runs all max_iter iterations (rows that are done keep their beta_star)
-    and evaluates both forms of the blend per row; blend_logprobs always builds the pure-student fallback. Where reads
-    are free the CPU skips that work. The results are equal exactly: the skipped work changes no returned value, and
+    and evaluates both forms of the blend per row; blend_logprobs always builds the pure-student fallback. Where it
+    may read, the eager rule skips that work. The results are equal exactly: the skipped work changes no returned value, and
     what is returned is the same ops on the same values.
     """
     s, t = logit_cases()[case]
     cpu = trb.solve_beta(s, t, EPS_ROWS), trb.solve_beta(s, t, 0.02)
     blended = trb.blend_logprobs(s, t, cpu[0])
-    monkeypatch.setattr(trb, "_reads_are_free", lambda x: False)
+    monkeypatch.setattr(trb, "_may_read", lambda x: False)
     assert torch.equal(trb.solve_beta(s, t, EPS_ROWS), cpu[0]) and torch.equal(trb.solve_beta(s, t, 0.02), cpu[1])
     assert torch.equal(trb.blend_logprobs(s, t, cpu[0]), blended)
 
@@ -104,15 +105,57 @@ def test_static_cache_equals_dynamic_cache(temperature):
     assert dynamic.completion_mask[:, -1].sum() < dynamic.completion_mask[:, 0].sum()  # some rows stopped at EOS
 
 
-def test_compiled_step_equals_eager(monkeypatch):
-    """compile=True (both forwards and the token rule in one torch.compile'd step) gives the eager tokens with a
-    seeded sampler on CPU, also on a second call, which resets and reuses the kept static caches. Three solver
-    iterations per token keep the compile under a minute; eager runs the same."""
-    monkeypatch.setattr(trb, "SOLVE_MAX_ITER", 3)
+def test_compiled_step_equals_eager():
+    """compile=True (both forwards in one torch.compile'd step, rows padded to a power of two) gives the eager tokens
+    with a seeded sampler on CPU, also on a second call, which resets and reuses the kept static caches."""
     torch._dynamo.reset()
+    trb._COMPILED.clear()
     decode = rollout_pair(eps=0.05, temperature=1.0)
     eager = decode(cache="static")
     assert_same_rollout(decode(cache="static", compile=True), eager)
     assert_same_rollout(decode(cache="static", compile=True), eager)
     with pytest.raises(ValueError):
         decode(compile=True)  # a growing cache cannot be compiled
+
+
+def test_compiled_decode_runs_any_number_of_call_shapes():
+    """Ten compiled calls with different row counts and prompt lengths all run without a recompile-limit error
+    (dynamo stops after 8 shapes of one function): rows are padded to a power of two and caches to a few lengths, so
+    the step sees 4 shapes here. Each call's rollout equals the eager one. The "eager" backend keeps the guards and
+    the limit of a real compile without its code generation."""
+    torch._dynamo.reset()
+    trb._COMPILED.clear()
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager decoding would warn
+        for rows, prompt in zip(range(1, 11), (3, 9, 4, 12, 5, 7, 2, 11, 6, 8)):
+            ids = torch.randint(5, 30, (rows, prompt), generator=g)
+            mask = torch.ones_like(ids)
+            mask[0, :prompt // 2] = 0  # one left-padded row
+            kwargs = dict(eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD, cache="static")
+            decode = lambda **o: trb.blended_generate(student, teacher, ids, mask, temperature=1.0,
+                                                      generator=torch.Generator().manual_seed(rows), **kwargs, **o)
+            assert_same_rollout(decode(compile=True, compile_backend="eager"), decode())
+    assert not trb._compiled_feed("cpu", "eager").failed
+
+
+def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    """If a compile fails all the same (here: a recompile limit of 1 and a second shape), decoding goes on eagerly
+    with one warning, and the rollout is the eager one; later calls do not try again."""
+    torch._dynamo.reset()
+    trb._COMPILED.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
+    ids, mask = left_padded_prompts()
+    kwargs = dict(eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD, cache="static")
+    decode = lambda rows, **o: trb.blended_generate(student, teacher, ids[:rows], mask[:rows], temperature=1.0,
+                                                    generator=torch.Generator().manual_seed(0), **kwargs, **o)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same_rollout(decode(4, compile=True, compile_backend="eager"), decode(4))
+        assert not caught
+        for rows in (2, 1):  # new shapes: the first one's recompile fails, the second is not compiled at all
+            assert_same_rollout(decode(rows, compile=True, compile_backend="eager"), decode(rows))
+    assert len([w for w in caught if "decoding goes on eagerly" in str(w.message)]) == 1
+    assert trb._compiled_feed("cpu", "eager").failed

@@ -155,7 +155,7 @@ def autocast(cfg):
 
 def stop_token_ids(tokenizer, *models):
     """The student tokenizer's EOS first (the one emitted), then every other EOS id of the models (Qwen3-Base and
-    chat models differ): trb merges them into one stop event (PAPER.md section 4)."""
+    chat models differ): trb merges them into one stop event (docs/method.md section 4)."""
     ids = []
     for model in models:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -317,7 +317,7 @@ def trimmed(rollout, mask, rows, P):
 
 def teacher_view_sums(teacher_logits, tokens, mask):
     """Sums over completion tokens (mask (B, N)) of log pi_T(sampled token) and of the teacher's entropy, from
-    teacher_logits (B, N, V): the diagnostics of PAPER.md section 7, for every method (even when the rollout did not
+    teacher_logits (B, N, V): the diagnostics of docs/method.md section 7, for every method (even when the rollout did not
     run the teacher)."""
     log_pt = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
     logprob = log_pt.gather(-1, tokens[..., None])[..., 0][mask].sum().item()

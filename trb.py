@@ -47,7 +47,7 @@ def _compute_dtype(x):
 
 def _blend_terms(student_logits, teacher_logits):
     """
-    The pieces of E3 with the zero-probability rules of PAPER.md section 2 made explicit.
+    The pieces of E3 with the zero-probability rules of docs/method.md section 2 made explicit.
     Returns log_ps (..., V) = log pi_S restricted to the joint support M (-inf off M), and r (..., V) =
     log pi_T - log pi_S (0 off M). Off M a token has weight 0 for every beta > 0: either the student gives it
     probability 0 (never feasible) or the teacher does (weight pi_T^beta = 0).
@@ -308,7 +308,7 @@ def _kl(log_p, log_q):
 
 def _topk_reverse_kl(student_logits, teacher_logits, topk):
     """
-    The paper's top-k estimate of E1 (PAPER.md section 1), per position: with S_k the k tokens of highest student
+    The paper's top-k estimate of E1 (docs/method.md section 1), per position: with S_k the k tokens of highest student
     logit (selected without gradient), q = pi_S renormalised on S_k, it returns
         KL(q || pi_T) = sum_{a in S_k} q(a) (log q(a) - log pi_T(a)),
     where log pi_T is the teacher's full-vocabulary log-probability. This is a true KL (>= 0) and has the same
@@ -426,7 +426,7 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
 
 
 # -----------------------------------------------------------------------------
-# Lockstep blended sampling of two Hugging Face causal LMs, each with its own KV cache (PAPER.md sections 2, 4).
+# Lockstep blended sampling of two Hugging Face causal LMs, each with its own KV cache (docs/method.md sections 2, 4).
 
 
 @dataclass
@@ -457,7 +457,7 @@ class Rollout:
         return Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(Rollout)})
 
     def stats(self):
-        """Means over completion tokens of the diagnostics the training loop logs (PAPER.md section 7)."""
+        """Means over completion tokens of the diagnostics the training loop logs (docs/method.md section 7)."""
         m = self.completion_mask
         n = int(m.sum())
 
@@ -493,7 +493,7 @@ def check_same_vocab(student_tokenizer, teacher_tokenizer):
 
 def canonicalise_eos(logits, eos_ids):
     """
-    Merge every EOS id into one stop event at eos_ids[0] (PAPER.md section 4): its logit becomes the logsumexp of
+    Merge every EOS id into one stop event at eos_ids[0] (docs/method.md section 4): its logit becomes the logsumexp of
     all EOS logits and the other EOS ids get -inf. Apply it to both models before blending and before the loss.
     """
     if len(eos_ids) <= 1:
@@ -542,7 +542,7 @@ blend_token_rule.draws = 1
 
 def skd_token_rule(top_k, teacher_temperature):
     """
-    SKD-style interleaved injection (PAPER.md section 6): the student proposes a token; if it is not among the
+    SKD-style interleaved injection (docs/method.md section 6): the student proposes a token; if it is not among the
     teacher's top_k, it is replaced by a fresh teacher sample at teacher_temperature (applied on top of the rollout
     temperature). The behavior distribution is known exactly:
         q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a).
@@ -765,7 +765,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
 
 
 # -----------------------------------------------------------------------------
-# Behavior policies: the paper's baselines (PAPER.md section 6), each a small function of the optimisation step
+# Behavior policies: the paper's baselines (docs/method.md section 6), each a small function of the optimisation step
 # returning blended_generate's keyword arguments. cfg is any object with the attributes used below.
 
 

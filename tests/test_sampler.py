@@ -229,7 +229,7 @@ def test_behavior_policies_define_their_budgets():
 
 
 def test_larger_budget_moves_rollouts_toward_the_teacher():
-    """The mean teacher log-prob of sampled tokens rises with eps (PAPER.md section 7). Seeds 0-3 all order them so
+    """The mean teacher log-prob of sampled tokens rises with eps (docs/method.md section 7). Seeds 0-3 all order them so
     with gaps >= 0.33 nats against a seed-to-seed spread of ~0.1, so a sample that flips on another CPU cannot
     reorder them."""
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)

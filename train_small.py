@@ -175,8 +175,8 @@ class SingleDevice:
     def __init__(self, cfg=None):
         self.dtype = device_and_dtype(cfg)[1] if cfg is not None else torch.float32
         # blended_generate's decoding options: tokens between "all done?" checks, KV cache kind, compiled step
-        self.decoding = (dict(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
-                         if cfg is not None else {})
+        self.decoding = (trb.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
+                         if cfg is not None else trb.Decoding())
         self._decoding_copy = None
 
     @property
@@ -279,7 +279,7 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
     with runtime.gathered(student, teacher):
         parts = [trb.blended_generate(student, teacher, input_ids[i:i + rows_per_call],
                                       attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
-                                      **runtime.decoding, **kwargs)
+                                      decoding=runtime.decoding, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
     return trb.Rollout.cat(parts, kwargs.get("pad_token_id"))
 
@@ -436,7 +436,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
                                                    max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
                                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                    generator=generator, vocab_size=len(tokenizer),
-                                                   all_finished=runtime.all_finished, **runtime.decoding)
+                                                   all_finished=runtime.all_finished, decoding=runtime.decoding)
                 texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
                 for j, text in enumerate(texts):
                     problem, counted = rows[i + j // n]

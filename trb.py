@@ -8,25 +8,31 @@ teacher-like distribution inside a KL trust region around the student (E2). That
 of the two models (E3) whose strength beta is solved per token (E4). The budget eps anneals to zero (E5), after
 which training is plain OPD. TRB changes only which prefixes are visited; the loss is always E1.
 
+The labels E1-E5 are this project's, defined in docs/method.md with the rest of the method. Read top-down: the
+schedule, the blend, the solve, the losses, the lockstep sampler, the behavior policies. The fast paths (the
+solver's Halley iteration, static caches and the compiled decode step, the chunked loss) live in trb_fast.py, each
+tested against the plain version here.
+
 Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V vocabulary, H hidden size.
 
     equation                                              function
     E1  L = E_h[ KL(pi_S(.|h) || pi_T(.|h)) ]             reverse_kl, opd_loss, chunked_opd_loss
     E2  mu* = argmin KL(mu||pi_T) s.t. KL(mu||pi_S)<=eps  blended_generate (solve E4, then sample E3)
     E3  mu_beta ~ pi_S^(1-beta) * pi_T^beta               blend_logprobs
-    E4  beta* = max{beta in [0,1]: KL(mu_beta||pi_S)<=eps} solve_beta (Halley), solve_beta_bisect (as stated)
+    E4  beta* = max{beta in [0,1]: KL(mu_beta||pi_S)<=eps} solve_beta_bisect (as stated), solve_beta (fast)
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
-import warnings
-import weakref
 from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import trb_fast
+from trb_fast import Decoding  # blended_generate's options: stop check, cache kind, compile
+
 # -----------------------------------------------------------------------------
-# The maths: budget schedule, blend solve, blend, losses. Tensors in, tensors out.
+# The maths: budget schedule, blend, blend solve, losses. Tensors in, tensors out.
 
 
 def kl_budget(step, eps0, warmup_steps):
@@ -60,74 +66,21 @@ def _blend_terms(student_logits, teacher_logits):
     return log_ps.masked_fill(~joint, -math.inf), r.masked_fill_(~joint, 0.0)
 
 
-def _weighted_moments(weights, r, scratch):
-    """sum_a weights(a) r(a)^k for k = 1, 2, 3, each (B,): one product buffer multiplied by r in place, then a cascade
-    sum (exact to ~1e-7 relative; a float32 matmul over 151936 terms is off by ~2e-4)."""
-    product = torch.mul(weights, r, out=scratch)  # (B, V)
-    first = product.sum(dim=-1)
-    second = product.mul_(r).sum(dim=-1)
-    return first, second, product.mul_(r).sum(dim=-1)
-
-
-class _Blend:
+def blend_logprobs(student_logits, teacher_logits, beta):
     """
-    Evaluates the blend mu_beta of one (B, V) batch at per-row beta (B,) for the solver: A(beta) = log E_{pi_S}
-    [exp(beta r)] and E_mu[r^k], k = 1, 2, 3, the inputs of KL(beta) = beta E_mu[r] - A(beta) and its derivatives.
-    At eps ~ 1e-4 that KL is ~1e3 times smaller than the terms of a log-space evaluation, whose float32 rounding of
-    log pi_S + beta r (|.| ~ 16) then swamps it. So the default evaluation is relative to pi_S,
-        A = log1p( sum_a pi_S(a) (exp(beta r(a)) - 1) ),   E_mu[r^k] = (E_S[r^k] + sum_a pi_S(a) (exp(beta r(a)) - 1) r^k) / Z,
-    where every term is O(beta r) and its rounding (~6e-8 absolute, random) is weighted by pi_S, which keeps the KL to
-    ~1e-5 relative. Rows where exp(beta r) could overflow (beta max r > 60: logits in the thousands) use the log-space
-    form with a max shift and float64 accumulators.
+    E3: log mu_beta = log pi_S + beta * r - A(beta), normalised, shape (..., V); beta (...) or a float.
+    Zero-probability rules: student zeros stay zero for every beta; teacher zeros get zero for beta > 0.
+    Where the two supports are disjoint no blend exists and log pi_S is returned. Never NaN.
     """
-
-    def __init__(self, log_ps, r, ps, mass, ps_moments, work, scratch):
-        self.log_ps, self.r, self.ps = log_ps, r, ps  # (B, V) log pi_S, r = log pi_T - log pi_S (centred), pi_S
-        self.mass, self.ps_moments = mass, ps_moments  # (B,) pi_S mass on the joint support; sum pi_S r^2, r^3
-        self.r_max = r.amax(dim=-1)  # (B,)
-        self.work, self.scratch = work, scratch  # (B, V) reused by every evaluation
-
-    def __call__(self, beta):
-        """Returns A(beta) - log(mass) and E_mu[r], E_mu[r^2], E_mu[r^3], each (B,). Each row takes the relative form
-        unless exp(beta r) could overflow there; both are computed and picked per row, except where the host may
-        read the choice (see _may_read) and one form serves every row."""
-        relative = beta * self.r_max <= 60  # (B,)
-        if _may_read(relative) and bool(relative.all()):
-            return self._relative(beta)
-        if _may_read(relative) and not bool(relative.any()):
-            return self._log_space(beta)
-        return tuple(torch.where(relative, x, y) for x, y in zip(self._relative(beta), self._log_space(beta)))
-
-    def _relative(self, beta):
-        weights = torch.mul(self.r, beta.unsqueeze(-1), out=self.work).exp_().sub_(1.0).mul_(self.ps)  # (B, V)
-        excess = weights.sum(dim=-1)  # (B,) Z - mass
-        first, second, third = _weighted_moments(weights, self.r, self.scratch)  # E_S[r] = 0: excess part only
-        z = self.mass + excess
-        return (torch.log1p(excess / self.mass), first / z, (self.ps_moments[0] + second) / z,
-                (self.ps_moments[1] + third) / z)
-
-    def _log_space(self, beta):
-        w = torch.addcmul(self.log_ps, beta.unsqueeze(-1), self.r, out=self.work)  # (B, V) log of unnormalised mu
-        w_max = w.amax(dim=-1, keepdim=True)  # (B, 1)
-        e = w.sub_(w_max).exp_()  # (B, V) mu_beta * Z / exp(w_max)
-        z = e.sum(dim=-1, dtype=torch.float64)
-        first = torch.mul(e, self.r, out=self.scratch).sum(dim=-1, dtype=torch.float64) / z
-        second = self.scratch.mul_(self.r).sum(dim=-1) / z.to(e.dtype)
-        third = self.scratch.mul_(self.r).sum(dim=-1) / z.to(e.dtype)
-        a = w_max.squeeze(-1) + torch.log(z) - torch.log(self.mass)
-        return a.to(e.dtype), first.to(e.dtype), second, third
-
-
-def _may_read(x):
-    """
-    Whether the token rule may read x's values on the host: always, except inside a torch.compile trace. The rule is
-    fixed-shape tensor code with masked updates, so it also runs with no read at all (and compiles whole); where it may
-    read, it skips work whose result every row would mask out (a finished solve's iterations, a form no row needs).
-    The result is the same either way: the skipped work changes no value that is returned. On a GPU each read waits
-    for the device, but the rule's cost there is its kernel launches (one per op, each longer than the kernel itself
-    at (B, V) = (16, 151936)): the reads cut them from ~7,300 per token to ~230, and a wait costs far less than that.
-    """
-    return not torch.compiler.is_compiling()
+    log_ps, r = _blend_terms(student_logits, teacher_logits)
+    beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
+    w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
+    log_mu = torch.log_softmax(w, dim=-1)  # (..., V)
+    # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support. Those rows are
+    # log_softmax(student) as computed here, not normalised a second time: equal to pi_S by construction, on any CPU.
+    fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))  # (...)
+    pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
+    return torch.where(fallback.unsqueeze(-1), pure_student, log_mu)
 
 
 @torch.no_grad()
@@ -155,138 +108,15 @@ def solve_beta_bisect(student_logits, teacher_logits, eps, iters=50):
     return torch.where(eps == 0, 0.0, beta)  # eps = 0 is pi_S itself, even where the models agree
 
 
-_WORKSPACE = {}
-
-
-def _workspace(shape, dtype, device):
-    """solve_beta's five (B, V) buffers, kept from one call to the next (for one shape at a time, as a decode loop
-    calls it; so solve_beta is not reentrant across threads). Allocating them anew would make the solver's speed depend on the allocator's history: a fresh glibc
-    process maps and faults in every block this large, a warm one reuses its heap (2x apart on a CPU)."""
-    if torch.compiler.is_compiling():  # a compiled solve plans its own buffers
-        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
-    key = (tuple(shape), dtype, device)
-    if key not in _WORKSPACE:
-        _WORKSPACE.clear()
-        _WORKSPACE[key] = [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
-    return _WORKSPACE[key]
-
-
-@torch.no_grad()
 def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     """
-    E4: beta* = max { beta in [0, 1] : KL(mu_beta || pi_S) <= eps }, per row of (..., V) logits.
-
-    With r = log pi_T - log pi_S and A(beta) = log E_{pi_S}[exp(beta r)], the closed forms are
-        KL(beta) = beta A' - A,   KL' = beta Var_mu[r],   KL'' = Var_mu[r] + beta E_mu[(r - E_mu r)^3].
-    KL grows like beta^2 sigma^2 / 2, so sqrt(KL) is nearly linear in beta: we run Halley's method (cubically
-    convergent) on g(beta) = sqrt(KL) - sqrt(eps), safeguarded by a bracket [lo, hi] that falls back to bisection,
-    from the small-budget guess sqrt(2 eps / sigma^2) refined by the third cumulant (error O(beta^2), not O(beta)).
-    A row stops at a beta whose evaluated KL is within `tol` (relative) of eps, at beta = 1 if that is feasible,
-    one Halley step after a point whose KL is within 5% of eps and whose step is under 2% of beta (the step leaves a
-    relative error of order 0.02^3), or at the feasible end of a bracket narrower than 1e-7. Usually one evaluation
-    of the blend (see _Blend) after pi_S's own moments.
-    eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in the logits' float dtype
-    (float32 for bf16/fp16 input). Rows whose supports are disjoint get beta* = 0 (no blend exists).
-    Fixed-shape code: max_iter masked iterations, and a row that has stopped keeps its value; outside a torch.compile
-    trace the loop ends once every row has stopped (see _may_read), inside it runs them all. A row still open after
-    max_iter returns the feasible end of its bracket. A bad eps raises, except inside a trace, where its rows get NaN.
+    E4, fast: the beta* of solve_beta_bisect (tested against it, run in float64, on every kind of logits), for about
+    one evaluation of the blend instead of 50. Halley steps on sqrt(KL(mu_beta || pi_S)) - sqrt(eps) from the
+    small-budget guess sqrt(2 eps / Var_{pi_S}[r]), inside a bracket (docs/method.md section 2): trb_fast.solve_beta.
+    eps: float >= 0 (inf allowed) or a tensor broadcastable to the batch shape (...). Returns beta* (...) in float32
+    (float64 for float64 logits); rows whose supports are disjoint get 0. A row stops within `tol` (relative) of eps.
     """
-    dtype = _compute_dtype(student_logits)
-    batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
-    if not torch.is_tensor(eps) and not eps >= 0:  # a Python number is checked for free
-        raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
-    eps = torch.as_tensor(eps, dtype=dtype, device=student_logits.device).expand(batch_shape).reshape(-1)  # (B,)
-    free = _may_read(eps)  # see _may_read: inside a torch.compile trace, nothing below reads a value
-    if free and not bool((eps >= 0).all()):
-        raise ValueError("eps must be >= 0 (inf allowed)")
-    if free and bool((eps == 0).all()):
-        return torch.zeros_like(eps).reshape(batch_shape)  # mu* = pi_S: nothing to solve
-    s = student_logits.reshape(-1, V).to(dtype)  # (B, V)
-    t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
-
-    # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
-    log_ps, r, ps, work, scratch = _workspace(s.shape, dtype, s.device)  # (B, V) each, overwritten here
-    torch.log_softmax(s, dim=-1, out=log_ps)
-    torch.log_softmax(t, dim=-1, out=r).sub_(log_ps)  # normalised first: raw t - s loses digits at |logit| ~ 1e3
-    torch.exp(log_ps, out=ps)
-    # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6 (0.5% of a KL of 1e-3), so every A(beta)
-    # is taken relative to pi_S's measured mass.
-    mass = ps.sum(dim=-1)  # (B,) pi_S mass on the joint support (so far: all of it)
-    log_norm = torch.log(mass)  # (B,)
-    mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)  # (B,) mass * E_{pi_S}[r]; not finite iff a token is off the
-    if not (free and bool(torch.isfinite(mean0).all())):  # joint support (probability 0 under one model)
-        off = ~torch.isfinite(r)  # (B, V) +inf: student zero; -inf: teacher zero; NaN: both
-        log_ps.masked_fill_(off, -math.inf), r.masked_fill_(off, 0.0), ps.masked_fill_(off, 0.0)
-        mass = ps.sum(dim=-1)
-        mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)
-    a0 = torch.log(mass) - log_norm  # A(0+); KL(0+) = -A(0+), exactly 0 when the supports agree
-    # Centre r under pi_S (a per-row shift the blend ignores) so that beta E_mu[r] and A(beta) stay small.
-    r.sub_((mean0 / mass).unsqueeze(-1))
-    _, second, third = _weighted_moments(ps, r, scratch)
-    var0, skew0 = second / mass, third / mass  # (B,) sigma^2 and kappa_3 of r under pi_S
-    blend = _Blend(log_ps, r, ps, mass, (second, third), work, scratch)
-    done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
-    one = ~done & torch.isinf(eps)
-    beta_star = torch.where(one, 1.0, torch.zeros_like(eps))  # (B,) final for every row that is done
-    done = done | one
-
-    # Initial guess: KL = sigma^2 beta^2 / 2 + kappa_3 beta^3 / 3 + O(beta^4).
-    beta = torch.sqrt(2 * eps / var0)  # (B,) the small-budget guess
-    beta = beta - skew0 * beta ** 3 / 3 / (var0 * beta + skew0 * beta ** 2)  # one Newton step on the cubic
-    beta = beta.nan_to_num(1.0).clamp(1e-12, 1.0)
-    lo, hi = torch.zeros_like(beta), torch.ones_like(beta)  # KL(lo) <= eps < KL(hi) once hi_known
-    hi_known = torch.zeros_like(done)
-    sqrt_eps = torch.sqrt(eps)
-    # max_iter masked iterations: a row that is done keeps its beta_star. Where the host may read, the loop ends once
-    # every row is done; the rest would change nothing.
-    for _ in range(max_iter):
-        if free and bool(done.all()):
-            break
-        a, m1, m2, m3 = blend(beta)
-        kl = (beta * m1 - (a + a0)).clamp_min(0.0)  # KL(mu_beta || pi_S), A taken relative to pi_S
-        accept = ~done & (((kl - eps).abs() <= tol * eps) | ((beta == 1.0) & (kl <= eps)))
-        beta_star, done = torch.where(accept, beta, beta_star), done | accept
-        feasible = kl <= eps
-        lo, hi = torch.where(feasible, beta, lo), torch.where(feasible, hi, beta)
-        hi_known = hi_known | ~feasible
-        narrow = ~done & (hi - lo < 1e-7)
-        beta_star, done = torch.where(narrow, lo, beta_star), done | narrow
-        # Halley on g = sqrt(KL) - sqrt(eps): g' = KL' / (2 sqrt KL), g'' = KL'' / (2 sqrt KL) - KL'^2 / (4 KL^1.5).
-        var = (m2 - m1 * m1).clamp_min(0.0)
-        skew = m3 - 3 * m1 * m2 + 2 * m1 ** 3
-        sqrt_kl = torch.sqrt(kl)
-        g, g1 = sqrt_kl - sqrt_eps, beta * var / (2 * sqrt_kl)
-        g2 = (var + beta * skew) / (2 * sqrt_kl) - g1 * g1 / sqrt_kl
-        step = 2 * g * g1 / (2 * g1 * g1 - g * g2)
-        step = torch.where(torch.isfinite(step) & (step * g >= 0), step, g / g1)  # Newton if Halley misbehaves
-        new = beta - step
-        new = torch.where(~hi_known & (new >= 1.0), torch.ones_like(new), new)
-        inside = torch.isfinite(new) & (new > lo) & ((new < hi) | (~hi_known & (new == 1.0)))
-        near = (kl - eps).abs() <= 0.05 * eps  # guards steep KL curves, where a small step proves nothing
-        converged = ~done & inside & near & (step.abs() <= 0.02 * beta) & (new < 1.0)
-        beta_star, done = torch.where(converged, new, beta_star), done | converged
-        beta = torch.where(inside, new, (lo + hi) / 2)
-    beta_star = torch.where(done, beta_star, lo)  # out of iterations: the feasible end of the bracket
-    return torch.where(eps >= 0, beta_star, math.nan).reshape(batch_shape)  # NaN for a bad eps where not checked
-
-
-def blend_logprobs(student_logits, teacher_logits, beta):
-    """
-    E3: log mu_beta = log pi_S + beta * r - A(beta), normalised, shape (..., V); beta (...) or a float.
-    Zero-probability rules: student zeros stay zero for every beta; teacher zeros get zero for beta > 0.
-    Where the two supports are disjoint no blend exists and log pi_S is returned. Never NaN.
-    """
-    log_ps, r = _blend_terms(student_logits, teacher_logits)
-    beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
-    w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
-    log_mu = torch.log_softmax(w, dim=-1)  # (..., V)
-    # beta = 0 is pi_S itself (its support includes teacher zeros); so is a row with no joint support. Those rows are
-    # log_softmax(student) as computed here, not normalised a second time: equal to pi_S by construction, on any CPU.
-    fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))  # (...)
-    if not _may_read(fallback) or bool(fallback.any()):
-        pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
-        log_mu = torch.where(fallback.unsqueeze(-1), pure_student, log_mu)
-    return log_mu
+    return trb_fast.solve_beta(student_logits, teacher_logits, eps, tol=tol, max_iter=max_iter)
 
 
 def reverse_kl(student_logits, teacher_logits):
@@ -522,7 +352,7 @@ def blend_token_rule(student_logits, teacher_logits, eps, noise):
     eps = 0 (pure student). eps: a float or a 0-d tensor. noise: None (greedy) or (draws, B, V) Exp(1) draws, where
     draws is the rule's `draws` attribute. A token rule returns a dict of (B,) tensors: `token` and the Rollout fields
     `beta`, `behavior_logprobs` (log mu(token)), `realised_kl` (KL(mu || pi_S)) and `replaced`. It is fixed-shape
-    tensor code that torch.compile can trace whole (see _may_read).
+    tensor code that torch.compile can trace whole (see trb_fast.may_read).
     """
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
@@ -593,77 +423,26 @@ def _pick(logits, eps, noise, token_rule, tau, eos_ids):
     return step
 
 
-def static_cache_length(prompt_tokens, max_new_tokens):
-    """
-    Positions of a static KV cache for P prompt and N new tokens: P + N rounded up to a multiple of 1/8 of the power
-    of two at or above it (at least 256), i.e. eight lengths per octave. Few lengths mean few compiled shapes: every
-    P up to 1024 with N = 7168 gives 8192, with N = 8192 gives 10240. At most a quarter of the cache is spare.
-    """
-    n = prompt_tokens + max_new_tokens
-    step = max(256, (1 << max(n - 1, 1).bit_length()) // 8)
-    return -(-n // step) * step
-
-
-def padded_rows(rows):
-    """Rows of a compiled decode call: the power of two at or above `rows` (the extra rows are done from the start)."""
-    return 1 << max(rows - 1, 0).bit_length()
-
-
-class _CompiledFeed:
-    """
-    _feed under torch.compile, one per (device type, backend), and its kept static caches. Compiled code is specialised
-    to its input shapes (rows, cache length) and dynamo stops after 8 of them (its recompile limit), so blended_generate
-    pads rows to a power of two (padded_rows) and caches to a few lengths (static_cache_length): a training run with
-    its evaluations needs about six. If a compile fails all the same, one warning says so and decoding goes on eagerly.
-    A compiled step, and CUDA graphs above all, is specialised to the caches' buffers too, so each model's static cache
-    is kept and reset while its shape stays the same; it then stays allocated between calls, through the loss and
-    evaluation (the memory plan counts it).
-    """
-
-    def __init__(self, device_type, backend):
-        self.mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None  # CUDA graphs
-        self.fn = torch.compile(_feed, fullgraph=True, dynamic=False, mode=self.mode, backend=backend)
-        self.failed = False
-        self.caches = weakref.WeakKeyDictionary()  # model -> (rows, length, its StaticCache)
-
-    def __call__(self, *args):
-        if self.failed:
-            return _feed(*args)
-        if self.mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs have been consumed
-        try:
-            return self.fn(*args)
-        except Exception as error:  # noqa: BLE001 - a compile that fails must not end a run; the step is rerun
-            self.failed = True  # eagerly (it rewrites the same cache entries: a compile fails before any runs)
-            warnings.warn(f"compile=True: the compiled decode step failed ({type(error).__name__}: "
-                          f"{(str(error).splitlines() or [''])[0][:200]}); decoding goes on eagerly")
-            return _feed(*args)
-
-    def static_cache(self, model, rows, length):
-        """The kept StaticCache of model, reset, while rows and length stay the same; else a new one, kept."""
-        from transformers import StaticCache
-        kept = self.caches.get(model)
-        if kept is not None and kept[:2] == (rows, length):
-            kept[2].reset()
-            return kept[2]
-        cache = StaticCache(config=model.config, max_cache_len=length)
-        self.caches[model] = (rows, length, cache)
-        return cache
-
-
-_COMPILED = {}  # (device type, backend) -> _CompiledFeed
-
-
-def _compiled_feed(device_type, backend):
-    if (device_type, backend) not in _COMPILED:
-        _COMPILED[device_type, backend] = _CompiledFeed(device_type, backend)
-    return _COMPILED[device_type, backend]
+def _check_generate_args(teacher, eps, temperature, token_rule, eos_token_id, pad_token_id):
+    """blended_generate's argument checks: (token rule, whether the teacher runs, EOS ids as a list)."""
+    if eps < 0 or math.isnan(eps):
+        raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    token_rule = token_rule or blend_token_rule
+    use_teacher = eps > 0 or token_rule is not blend_token_rule
+    if use_teacher and teacher is None:
+        raise ValueError("a teacher model is needed when eps > 0 or with a custom token_rule")
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if eos_ids and pad_token_id is None:
+        raise ValueError("pad_token_id is needed to pad rows that stop at EOS")
+    return token_rule, use_teacher, eos_ids
 
 
 @torch.no_grad()
 def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
                      eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
-                     all_finished=None, stop_check_every=1, cache="dynamic", compile=False, compile_backend="inductor"):
+                     all_finished=None, decoding=None):
     """
     E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
     mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
@@ -675,89 +454,58 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     pad_token_id after it. token_rule: how a token is chosen from the two models' (B, V) logits, default
     blend_token_rule (see skd_token_rule for another). vocab_size: the shared tokenizer range; padded head rows
     beyond it are never sampled (default: the narrower head). all_finished: callable(done (B,) bool) -> bool that
-    decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py). stop_check_every: ask it only
-    every this many tokens (each ask may be a collective and a host sync); rows already done meanwhile emit
-    pad_token_id, outside completion_mask, so the rollout's masked content does not depend on it.
-    cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
-    preallocated for static_cache_length(P, max_new_tokens) positions). compile: torch.compile both models' per-token
-    forwards as one step (CUDA graphs on a GPU; compile_backend "inductor", or e.g. "eager" to test the guards without
-    code generation); needs the static cache. The compiled step pads the rows to a power of two, keeps each model's
-    cache from one call to the next and falls back to eager decoding if a compile fails (see _CompiledFeed). The token
-    rule always runs eagerly: its solver stops once every row has converged, which a graph cannot. Sampling noise is
-    drawn from generator for the real rows only, so padding changes no draw.
+    decides when to stop; under FSDP it must agree across ranks (see train_fsdp.py). decoding: a Decoding (stop
+    check, cache kind, compile). Sampling noise is drawn from generator in a fixed order: a seeded run reproduces.
     """
-    if eps < 0 or math.isnan(eps):
-        raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if stop_check_every < 1:
-        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
-    if compile and cache != "static":
-        raise ValueError("compile=True needs cache='static' (a growing cache changes shape at every token)")
-    token_rule = token_rule or blend_token_rule
-    use_teacher = eps > 0 or token_rule is not blend_token_rule
-    if use_teacher and teacher is None:
-        raise ValueError("a teacher model is needed when eps > 0 or with a custom token_rule")
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if eos_ids and pad_token_id is None:
-        raise ValueError("pad_token_id is needed to pad rows that stop at EOS")
+    token_rule, use_teacher, eos_ids = _check_generate_args(teacher, eps, temperature, token_rule, eos_token_id,
+                                                            pad_token_id)
+    decoding = decoding or Decoding()
     all_finished = all_finished or (lambda done: bool(done.all()))
     greedy, tau = temperature == 0, (temperature or 1.0)
     (B, P), device = input_ids.shape, input_ids.device
     models = [student] + ([teacher] if use_teacher else [])
-    if vocab_size is None:
-        vocab_size = min(m.get_output_embeddings().weight.shape[0] for m in models)
-    draws = getattr(token_rule, "draws", 1)
-    rows = padded_rows(B) if compile else B  # compiled: extra rows (copies of row 0) are done from the start
-    if rows > B:
-        input_ids, attention_mask = (torch.cat([x, x[:1].expand(rows - B, -1)]) for x in (input_ids, attention_mask))
+    vocab_size = vocab_size or min(m.get_output_embeddings().weight.shape[0] for m in models)
+    rows = decoding.state.rows(B)  # B, or more: extra rows (copies of row 0) are done from the start
+    input_ids, attention_mask = (torch.cat([x, x[:1].expand(rows - B, -1)]) for x in (input_ids, attention_mask))
 
-    def noise():  # (draws, rows, V) Exp(1), drawn in a fixed order for the B real rows: a seeded run is reproducible
+    def noise():  # (draws, rows, V) Exp(1) for the Gumbel-max draw (see _sample), drawn for the B real rows only
         if greedy:
             return None
+        draws = getattr(token_rule, "draws", 1)
         real = torch.empty(draws, B, vocab_size, device=device).exponential_(generator=generator)
         return torch.cat([real, real.new_ones(draws, rows - B, vocab_size)], dim=1)
 
-    # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
-    if cache == "static":  # fixed shapes: the mask covers the whole cache (future columns are causally masked)
-        from transformers import StaticCache
-        length = static_cache_length(P, max_new_tokens)
-        compiled = _compiled_feed(device.type, compile_backend) if compile else None
-        caches = [compiled.static_cache(m, rows, length) if compile else
-                  StaticCache(config=m.config, max_cache_len=length) for m in models]
-        mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
-    else:
-        from transformers import DynamicCache
-        caches = [DynamicCache(config=m.config) for m in models]
-        mask = attention_mask.clone()  # (rows, P+n) grows by one column per step
-    feed = compiled if compile else _feed
-    logits = [_last_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size)
+    # 1. Prefill each model once over the prompt; afterwards only the newest token is fed. A static cache's mask
+    #    spans the whole cache (its future columns are masked causally); a dynamic one's grows by a column per token.
+    length = trb_fast.static_cache_length(P, max_new_tokens) if decoding.cache == "static" else P
+    caches = decoding.state.new_caches(models, rows, length)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
+    logits = [_last_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size)  # per model (rows, V)
               for m, c in zip(models, caches)]
     positions = attention_mask.long().sum(-1, keepdim=True)  # (rows, 1) the next token's position in each row
-    step = _pick(logits, eps, noise(), token_rule, tau, eos_ids)
     done = torch.arange(rows, device=device) >= B  # (rows,) rows that have emitted EOS (and the padding rows)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (E,)
     columns = {name: [] for name in ROLLOUT_COLUMNS}  # per step, one (rows,) tensor for each (B, N) Rollout field
     for n in range(1, max_new_tokens + 1):
-        # 2. The step's token (drawn by the token rule from both models' logits), masked after EOS.
+        # 2. Pick the step's token from both models' logits (the token rule), masked after EOS.
+        step = _pick(logits, eps, noise(), token_rule, tau, eos_ids)
         token = step.pop("token")  # (rows,)
         if eos_ids:
             token = token.masked_fill(done, pad_token_id)
         step.update(tokens=token, completion_mask=~done)
         for name in ROLLOUT_COLUMNS:
             columns[name].append(step[name])
+        # 3. Stop once every row has emitted EOS (asked every stop_check_every tokens).
         if eos_ids:
             done = done | torch.isin(token, eos)
-        if n == max_new_tokens or (n % stop_check_every == 0 and all_finished(done)):
+        if n == max_new_tokens or (n % decoding.stop_check_every == 0 and all_finished(done)):
             break
-        # 3. Feed the token to both caches and pick the next one.
-        if cache == "dynamic":
+        # 4. Feed the token to both caches.
+        if decoding.cache == "dynamic":
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        step = _pick(feed(models, caches, token, mask, positions, vocab_size), eps, noise(), token_rule, tau, eos_ids)
+        logits = decoding.state.feed(_feed, models, caches, token, mask, positions, vocab_size)
         positions = positions + 1
-    # 4. Stack each column into a (B, N) tensor of the real rows (N = 0: an empty one of the field's dtype).
+    # The columns as (B, N) tensors of the real rows (N = 0: an empty one of the field's dtype).
     stacked = {name: torch.stack(column, dim=1)[:B] if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],
                                                                                device=device)
                for name, column in columns.items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import trb
+import trb_fast
 from test_math import bisect64, logit_cases
 from test_sampler import PAD, left_padded_prompts, tiny_qwen3
 
@@ -19,7 +20,7 @@ EPS_ROWS = torch.tensor([0.0, math.inf, 1e-3, 1e-2, 0.1, 0.5])  # one budget per
 @pytest.fixture
 def no_free_reads(monkeypatch):
     """Run the token rule as inside a torch.compile trace: every iteration, both forms of the blend, no reads."""
-    monkeypatch.setattr(trb, "_may_read", lambda x: False)
+    monkeypatch.setattr(trb_fast, "may_read", lambda x: False)
 
 
 @pytest.mark.parametrize("case", list(logit_cases()))
@@ -33,7 +34,7 @@ def test_sync_free_token_rule_equals_the_cpu_shortcuts(case, monkeypatch):
     s, t = logit_cases()[case]
     cpu = trb.solve_beta(s, t, EPS_ROWS), trb.solve_beta(s, t, 0.02)
     blended = trb.blend_logprobs(s, t, cpu[0])
-    monkeypatch.setattr(trb, "_may_read", lambda x: False)
+    monkeypatch.setattr(trb_fast, "may_read", lambda x: False)
     assert torch.equal(trb.solve_beta(s, t, EPS_ROWS), cpu[0]) and torch.equal(trb.solve_beta(s, t, 0.02), cpu[1])
     assert torch.equal(trb.blend_logprobs(s, t, cpu[0]), blended)
 
@@ -78,13 +79,14 @@ def test_compiled_solver_and_blend_trace_whole_and_equal_eager():
 
 
 def rollout_pair(**kwargs):
-    """The same left-padded, EOS-stopping batch decoded by two tiny Qwen3 models with the given options."""
+    """The same left-padded, EOS-stopping batch decoded by two tiny Qwen3 models with the given trb.Decoding."""
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
     ids, mask = left_padded_prompts()
 
-    def decode(**options):
+    def decode(decoding=None):
         return trb.blended_generate(student, teacher, ids, mask, max_new_tokens=16, eos_token_id=[1, 2, 3, 4],
-                                    pad_token_id=PAD, generator=torch.Generator().manual_seed(0), **kwargs, **options)
+                                    pad_token_id=PAD, generator=torch.Generator().manual_seed(0), decoding=decoding,
+                                    **kwargs)
     return decode
 
 
@@ -100,7 +102,7 @@ def test_static_cache_equals_dynamic_cache(temperature):
     """cache='static' (one preallocated StaticCache per model) decodes the tokens of the dynamic cache, greedy and
     with a seeded sampler, on left-padded rows that stop at EOS at different steps."""
     decode = rollout_pair(eps=0.05, temperature=temperature)
-    dynamic, static = decode(), decode(cache="static")
+    dynamic, static = decode(), decode(trb.Decoding(cache="static"))
     assert_same_rollout(static, dynamic)
     assert dynamic.completion_mask[:, -1].sum() < dynamic.completion_mask[:, 0].sum()  # some rows stopped at EOS
 
@@ -109,13 +111,13 @@ def test_compiled_step_equals_eager():
     """compile=True (both forwards in one torch.compile'd step, rows padded to a power of two) gives the eager tokens
     with a seeded sampler on CPU, also on a second call, which resets and reuses the kept static caches."""
     torch._dynamo.reset()
-    trb._COMPILED.clear()
     decode = rollout_pair(eps=0.05, temperature=1.0)
-    eager = decode(cache="static")
-    assert_same_rollout(decode(cache="static", compile=True), eager)
-    assert_same_rollout(decode(cache="static", compile=True), eager)
+    eager = decode(trb.Decoding(cache="static"))
+    compiled = trb.Decoding(cache="static", compile=True)
+    assert_same_rollout(decode(compiled), eager)
+    assert_same_rollout(decode(compiled), eager)
     with pytest.raises(ValueError):
-        decode(compile=True)  # a growing cache cannot be compiled
+        trb.Decoding(compile=True)  # a growing cache cannot be compiled
 
 
 def test_compiled_decode_runs_any_number_of_call_shapes():
@@ -124,38 +126,38 @@ def test_compiled_decode_runs_any_number_of_call_shapes():
     the step sees 4 shapes here. Each call's rollout equals the eager one. The "eager" backend keeps the guards and
     the limit of a real compile without its code generation."""
     torch._dynamo.reset()
-    trb._COMPILED.clear()
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
     g = torch.Generator().manual_seed(0)
+    compiled, static = (trb.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to eager decoding would warn
         for rows, prompt in zip(range(1, 11), (3, 9, 4, 12, 5, 7, 2, 11, 6, 8)):
             ids = torch.randint(5, 30, (rows, prompt), generator=g)
             mask = torch.ones_like(ids)
             mask[0, :prompt // 2] = 0  # one left-padded row
-            kwargs = dict(eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD, cache="static")
-            decode = lambda **o: trb.blended_generate(student, teacher, ids, mask, temperature=1.0,
-                                                      generator=torch.Generator().manual_seed(rows), **kwargs, **o)
-            assert_same_rollout(decode(compile=True, compile_backend="eager"), decode())
-    assert not trb._compiled_feed("cpu", "eager").failed
+            decode = lambda decoding: trb.blended_generate(
+                student, teacher, ids, mask, eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD,
+                temperature=1.0, generator=torch.Generator().manual_seed(rows), decoding=decoding)
+            assert_same_rollout(decode(compiled), decode(static))
+    assert not compiled.state.failed
 
 
 def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     """If a compile fails all the same (here: a recompile limit of 1 and a second shape), decoding goes on eagerly
     with one warning, and the rollout is the eager one; later calls do not try again."""
     torch._dynamo.reset()
-    trb._COMPILED.clear()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
     ids, mask = left_padded_prompts()
-    kwargs = dict(eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD, cache="static")
-    decode = lambda rows, **o: trb.blended_generate(student, teacher, ids[:rows], mask[:rows], temperature=1.0,
-                                                    generator=torch.Generator().manual_seed(0), **kwargs, **o)
+    compiled, static = (trb.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
+    decode = lambda rows, decoding: trb.blended_generate(
+        student, teacher, ids[:rows], mask[:rows], eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD,
+        temperature=1.0, generator=torch.Generator().manual_seed(0), decoding=decoding)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert_same_rollout(decode(4, compile=True, compile_backend="eager"), decode(4))
+        assert_same_rollout(decode(4, compiled), decode(4, static))
         assert not caught
         for rows in (2, 1):  # new shapes: the first one's recompile fails, the second is not compiled at all
-            assert_same_rollout(decode(rows, compile=True, compile_backend="eager"), decode(rows))
+            assert_same_rollout(decode(rows, compiled), decode(rows, static))
     assert len([w for w in caught if "decoding goes on eagerly" in str(w.message)]) == 1
-    assert trb._compiled_feed("cpu", "eager").failed
+    assert compiled.state.failed

@@ -321,7 +321,8 @@ def test_stop_checked_every_k_tokens_only_adds_masked_padding():
     def run(k):
         asks.clear()
         return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=20, temperature=0.0,
-                                    eos_token_id=list(range(1, 40)), pad_token_id=PAD, stop_check_every=k,
+                                    eos_token_id=list(range(1, 40)), pad_token_id=PAD,
+                                    decoding=trb.Decoding(stop_check_every=k),
                                     all_finished=lambda done: asks.append(1) or bool(done.all()))
     every, (k4, k4_asks) = run(1), (run(4), len(asks))
     n1, n4 = every.completion_mask.shape[1], k4.completion_mask.shape[1]

@@ -277,7 +277,7 @@ def test_cache_and_compile_keys_reach_every_decode(cache_dir, tmp_path, monkeypa
         calls.clear()
         cfg = config.load_config(tiny(cache_dir, tmp_path / kind, f"--cache={kind}", "--max_steps=2"))
         histories[kind] = train_small.train(cfg)
-        assert calls and all(k["cache"] == kind and k["compile"] is False for k in calls)
+        assert calls and all(k["decoding"].cache == kind and k["decoding"].compile is False for k in calls)
     for dynamic, static in zip(histories["dynamic"], histories["static"]):
         assert dynamic.get("pass@1") == static.get("pass@1")
         assert dynamic.get("completion_tokens") == static.get("completion_tokens")

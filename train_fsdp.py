@@ -2,11 +2,26 @@
 On-policy distillation with TRB (arXiv 2605.31159) at full size: train_small.py under torchrun with PyTorch FSDP2.
 
 The training step, loop, losses, data, evaluation and config are train_small.py's and trb.py's. train_small.py calls
-a `SingleDevice` object wherever several processes would have to cooperate; this file is its FSDP version, and that
-is all the distributed training there is: the process group, `fully_shard` (each decoder layer, then the root), each
-rank's share of the prompts, rollouts with the parameters gathered once and every rank decoding the same number of
-steps, token counts and metrics summed over ranks, sharded `torch.distributed.checkpoint` (DCP) checkpoints and
-rank-0 logging. Read it next to train_small.py's `SingleDevice`.
+a `SingleDevice` object wherever several processes would have to cooperate; this file's `FSDP` subclass is its
+distributed version, and that is all the distributed training there is. Read the two side by side. The recipe:
+
+  [ ] Process group: NCCL with one GPU per rank (gloo on CPU), every collective bounded by dist_timeout_minutes.
+  [ ] fully_shard each decoder layer, then the root (embeddings, final norm, head), as torchtitan does; HSDP on a 2-D
+      mesh with hsdp_shard_size. The student's fp32 master weights are computed in bf16 (MixedPrecisionPolicy) with
+      fp32 gradient reduction; the frozen teacher is replicated or sharded (teacher_sharding).
+  [ ] Each rank takes a contiguous 1/world of every step's prompts and of the held-out problems (`share`).
+  [ ] Rollouts gather the parameters once for the whole decode (`gathered`), not once per layer per token, and every
+      rank decodes the same number of steps (`all_finished`: the one trap of lockstep decoding).
+  [ ] Gradients accumulate unsharded over micro-batches and are reduce-scattered once, on the last (`sync_gradients`).
+  [ ] Token counts and metrics are summed over ranks in float64 (`sum`).
+  [ ] Checkpoints are sharded DCP folders, renamed into place by rank 0 after a barrier; the export is one plain
+      Hugging Face folder with every stop id.
+  [ ] Rank 0 alone logs, prints and writes out_dir.
+
+Three places in train_small.py exist for this file: the loss is scaled by the world size before backward (FSDP's
+reduce-scatter averages over ranks, so the step's token mean needs the sum), the gradient norm of DTensor gradients
+is read with full_tensor(), and evaluation pads a rank's last call with uncounted problems so that every rank makes
+the same calls. `forget_forwards` is a workaround on FSDP2's private state (checked against torch 2.13).
 
 Launch (same config.yaml and --key=value overrides as train_small.py; NCCL on GPUs, gloo on CPU):
     torchrun --standalone --nproc_per_node=2 train_fsdp.py --max_steps=20         # CPU smoke run (synthetic task)
@@ -88,9 +103,11 @@ def fsdp_modules(model):
 
 def forget_forwards(model):
     """
-    FSDP2 records every forward of each unit (its post-forward order, used to prefetch in backward) and clears the
-    record only at the end of a backward. A frozen sharded teacher never runs one, so without this its record would
-    grow by one entry per unit at every forward, every step (a slow leak and ever longer lists).
+    A workaround on FSDP2's private state (`_get_fsdp_state()._fsdp_param_groups`, checked against torch 2.13; a new
+    torch may rename it, and tests/test_fsdp.py's bounded-record test then fails). FSDP2 records every forward of each
+    unit (its post-forward order, used to prefetch in backward) and clears the record only at the end of a backward.
+    A frozen sharded teacher never runs one, so without this its record would grow by one entry per unit at every
+    forward, every step (a slow leak and ever longer lists).
     """
     for m in fsdp_modules(model):
         for group in m._get_fsdp_state()._fsdp_param_groups:

@@ -70,8 +70,8 @@ class Config:
     warmup_steps: int = key("E5: K, steps over which eps anneals linearly to 0 (also SKD / temperature warmup length)",
                             at_least(1))
     temperature: float = key("rollout sampling temperature (0 = greedy), paper: 1.0", at_least(0))
-    skd_top_k: int = key("SKD: a student token outside the teacher's top-k is replaced (paper: 15-50 of 151k tokens; "
-                         "18 here)", at_least(1))
+    skd_top_k: int = key("SKD: a student token outside the teacher's top-k is replaced (paper sweeps 15, 25, 50 of "
+                         "151k tokens; the embedded task: 3 of its 18)", at_least(1))
     skd_temperature: float = key("SKD: temperature of the replacing teacher sample", above(0))
     tau0: float = key("temperature_warmup: start temperature, annealed to `temperature` over warmup_steps", above(0))
     # Distillation loop

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from config import die
+
 
 @functools.lru_cache(maxsize=None)
 def t_quantile(p, df):
@@ -88,7 +90,10 @@ def _run(run_cfg):
         torch.set_num_threads(run_cfg.num_threads)
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
-        return train_small.train(run_cfg)
+        try:
+            return train_small.train(run_cfg)
+        except SystemExit:  # a run that stops (config.die) said why in its log; a worker exiting would hang the pool
+            return None
 
 
 def _prepare(run_cfg):
@@ -119,6 +124,10 @@ def compare(cfg, train):
             pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(_run, configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
+        for key, history in runs.items():
+            if history is None:
+                said = (Path(configs[key].out_dir) / "progress.log").read_text().strip().splitlines() or ["?"]
+                die(f"compare: the run in {configs[key].out_dir} stopped: {said[-1].removeprefix('error: ')}")
     runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
     results = summarise(runs, seeds, cfg)
     results["wall_s"] = round(time.time() - started, 1)

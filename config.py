@@ -123,7 +123,9 @@ class Config:
     out_dir: str = key("metrics.jsonl, samples.jsonl, summary.json, checkpoints/, student/ (and comparison.* with "
                        "compare)", NON_EMPTY)
     checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
-    resume: bool = key("true: continue from the last complete checkpoint in out_dir")
+    keep_checkpoints: int = key("the newest this many checkpoints are kept (a resume that cannot load one falls back "
+                                "to the one before)", at_least(1))
+    resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",

@@ -75,7 +75,7 @@ def test_presets_load_and_real_models_refuse_the_embedded_defaults(capsys):
         cfg = config.load_config([f"--config={path}"])
         assert cfg.student != "synthetic" and cfg.lr == 1e-5 and cfg.max_new_tokens >= 1024, path.name
         assert cfg.eval_max_new_tokens >= cfg.max_new_tokens and cfg.chunked_loss
-        assert cfg.out_dir == f"runs/{path.stem}", path.name
+        assert cfg.out_dir == f"runs/{path.stem}" and cfg.keep_checkpoints >= 2, path.name
     with pytest.raises(SystemExit):
         config.load_config(["--student=Qwen/Qwen3-0.6B-Base", "--teacher=Qwen/Qwen3-4B", "--dataset=openai/gsm8k"])
     err = capsys.readouterr().err.strip().splitlines()

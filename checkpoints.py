@@ -1,7 +1,8 @@
 """
-Run bookkeeping that survives interruption: folders written atomically, the complete checkpoints of a run (the
-newest keep_checkpoints are kept), the logs (metrics.jsonl, samples.jsonl) cut back to a checkpoint, and
-train_small.py's single-device checkpoint (train_fsdp.py writes sharded DCP ones).
+Run bookkeeping that survives interruption and relaunching: folders written atomically, the complete checkpoints of
+a run (the newest keep_checkpoints are kept), the refusal of a fresh run to delete an earlier run's checkpoints, the
+logs (metrics.jsonl, samples.jsonl) cut back to a checkpoint, and train_small.py's single-device checkpoint
+(train_fsdp.py writes sharded DCP ones).
 
 A checkpoint is <out_dir>/checkpoints/step_XXXXXX. It is written to .tmp-step_XXXXXX and renamed only when complete,
 so a run killed during a save resumes from the previous checkpoint, never from half a folder. A complete checkpoint
@@ -34,6 +35,17 @@ def checkpoint_path(out_dir, step):
 def complete_checkpoints(out_dir):
     """The complete checkpoints in out_dir, oldest first (temporary folders of an interrupted save are ignored)."""
     return sorted(path for path in (Path(out_dir) / "checkpoints").glob("step_*") if path.is_dir())
+
+
+def fresh_run_refused(out_dir, resume, overwrite):
+    """The one-line reason a run must not start in out_dir, or None: a fresh run (resume false) there would delete
+    the checkpoints an earlier run left, and only overwrite true allows that (relaunching a command must not destroy
+    the run it started)."""
+    found = complete_checkpoints(out_dir)
+    if resume or overwrite or not found:
+        return None
+    return (f"out_dir: {out_dir} holds an earlier run's checkpoints (newest {found[-1].name}); continue it with "
+            f"--resume=true, or delete them and its logs with --overwrite=true")
 
 
 def remove_older_checkpoints(out_dir, step, keep):

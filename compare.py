@@ -6,8 +6,9 @@ confidence interval (Student's t over the paired differences), for the final pas
 pass@1 curve (the mean over evaluations, less noisy than one point). Results go to out_dir as comparison.json,
 comparison.md (the tables, then one held-out problem as each method's student finally writes it) and comparison.png
 (pass@1 against step with confidence bands, the paired difference to OPD, the budget and mean beta, the teacher
-log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. With --resume=true, finished
-runs are read back and an interrupted one continues from its checkpoint.
+log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. Relaunched with --resume=true,
+finished runs are read back, an interrupted one continues from its checkpoint and the others start; without it, a
+comparison whose runs left checkpoints stops at once, before any run starts (--overwrite=true starts every run over).
 """
 import dataclasses
 import functools
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoints
 from config import die
 
 
@@ -112,6 +114,10 @@ def compare(cfg, train):
     started = time.time()
     configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
                for s in seeds for m in methods}
+    for run_cfg in configs.values():  # before any run starts (each would refuse on its own, after others trained)
+        refused = checkpoints.fresh_run_refused(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite)
+        if refused:
+            die(f"compare: {refused}")
     workers = min(cfg.compare_workers, len(configs))
     if workers <= 1:
         runs = {key: finished(run_cfg) or train(run_cfg) for key, run_cfg in configs.items()}

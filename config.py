@@ -126,6 +126,7 @@ class Config:
     keep_checkpoints: int = key("the newest this many checkpoints are kept (a resume that cannot load one falls back "
                                 "to the one before)", at_least(1))
     resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
+    overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",

@@ -10,6 +10,7 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     ./run.sh                                                # the same on a fresh clone (sets up .venv first)
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
+    python train_small.py --overwrite=true                  # start over in an out_dir that holds a run's checkpoints
     python train_small.py --compare=opd,trb                  # seeds 0-7, paired differences with 95% intervals
     python train_small.py --config=configs/gsm8k_1gpu.yaml                 # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
@@ -517,7 +518,7 @@ def resume_from(found, student, optimizer, generator, cfg, runtime):
                   f"{then}", file=sys.stderr, flush=True)
     if found:
         runtime.stop(f"resume: none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
-                     f"warnings above); to start over instead, --resume=false")
+                     f"warnings above); to start over instead, --resume=false --overwrite=true")
     return None, 0
 
 
@@ -528,12 +529,16 @@ def train(cfg, runtime=None):
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     started = time.time()
     out = Path(cfg.out_dir)
-    # Every rank reads out_dir (one shared folder) and they agree on its checkpoints before any tries one.
+    # Before any model loads: a fresh run never deletes an earlier run's checkpoints unless overwrite says so. Every
+    # rank reads out_dir (one shared folder) and they agree before any stops or tries a checkpoint.
+    refused = checkpoints.fresh_run_refused(out, cfg.resume, cfg.overwrite)
     found = checkpoints.complete_checkpoints(out) if cfg.resume else []
     same = runtime.sum([len(found)])[0] == runtime.world * len(found)  # every rank sees as many checkpoints
-    if not runtime.everywhere(same):
-        runtime.stop(f"out_dir: the ranks see different checkpoints in {out} (it must be one folder that all of "
-                     f"them share)")
+    if not runtime.everywhere(refused is None and same):
+        runtime.stop(refused or f"out_dir: the ranks see different checkpoints in {out} (it must be one folder "
+                                f"that all of them share)")
+    if cfg.resume and not found and runtime.is_main:
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh")
     random.seed(cfg.seed)
     # FSDP, embedded task: rank 0 trains and caches the synthetic models, the others then load them. Real models:
     # every rank loads at once (the hub's file locks make one of them download), so no rank waits in a collective.
@@ -549,7 +554,7 @@ def train(cfg, runtime=None):
     history = []  # on resume: the rows logged up to the checkpoint (later ones and a half-written line are dropped)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:  # a fresh run: an earlier run's checkpoints here must never be resumed into it
+        if checkpoint is None:  # a fresh run (no checkpoints here, or overwrite): never resumed into an earlier one
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         else:
             history = checkpoints.read_log(out / "metrics.jsonl", start)
@@ -619,7 +624,8 @@ def print_summary(cfg, argv):
     summary = json.loads((out / "summary.json").read_text())
     minutes, seconds = divmod(round(summary["wall_s"]), 60)
     teacher = f"{summary['teacher']['pass@1']:.3f}" if summary["teacher"] else "not measured (real models)"
-    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--method=", "--seed="))]
+    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--overwrite=", "--method=",
+                                                        "--seed="))]
     launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
     runs = 2 * len(cfg.seeds.split(","))
     print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")

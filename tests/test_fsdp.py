@@ -252,6 +252,31 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
     assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
 
 
+def test_fsdp_relaunch_stops_every_rank_and_keeps_the_run_unless_overwrite(runs):
+    """Relaunching the FSDP run's command (resume false) into a copy of its out_dir stops both ranks with exit code 2
+    and one line naming --resume=true and --overwrite=true, leaving every file as it was; with --overwrite=true it
+    starts over (earlier checkpoints removed, logs begun again from step 0)."""
+    out = runs / "relaunched"
+    shutil.copytree(runs / "fsdp", out)
+    before = folder_state(out)
+    lines = stopped_on_every_rank(out, runs / "cache", "--checkpoint_every=2").strip().splitlines()
+    assert len(lines) == 1, lines  # nothing else: it stops before the models load
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000004)")
+    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert folder_state(out) == before
+    again = run(fsdp_command(out, runs / "cache", "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
+    assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()
+    assert [row["step"] for row in metrics(out)] == [0, 1]
+
+
+def test_fsdp_resume_without_a_checkpoint_says_it_starts_fresh(runs):
+    """--resume=true into an out_dir without checkpoints: rank 0 prints one line saying it starts fresh, and it does."""
+    out = runs / "resumed_from_nothing"
+    result = run(fsdp_command(out, runs / "cache", "--max_steps=1", "--resume=true"))
+    assert result.stdout.count(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh\n") == 1
+    assert [row["step"] for row in metrics(out)] == [0, 1]
+
+
 def test_fsdp_damaged_newest_checkpoint_falls_back_to_the_one_before(runs):
     """
     The module's FSDP run keeps its two checkpoints (steps 2 and 4, keep_checkpoints 2). With rank 1's shard file of
@@ -293,7 +318,7 @@ def test_fsdp_every_checkpoint_damaged_stops_every_rank_with_one_line(runs):
     assert [line.split(" cannot be loaded")[0] for line in lines[:-1]] == [
         f"warning: checkpoint {p}" for p in reversed(folders)]
     assert lines[-1] == (f"error: resume: none of the 2 checkpoints in {out / 'checkpoints'} can be loaded (see the "
-                         f"warnings above); to start over instead, --resume=false")
+                         f"warnings above); to start over instead, --resume=false --overwrite=true")
     assert folder_state(out) == before
 
 

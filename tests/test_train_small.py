@@ -146,6 +146,27 @@ def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
     assert json.loads((tmp_path / "serial" / "comparison.json").read_text())["methods"] == methods
 
 
+def test_compare_relaunch_stops_at_once_and_resume_reads_finished_runs_back(cache_dir, tmp_path):
+    """Relaunching a comparison whose runs left checkpoints stops with one line naming --resume=true before any run
+    starts, and leaves every file as it was; relaunched with --resume=true it reads the finished runs back (none is
+    retrained: their folders stay as they were) and writes the same comparison."""
+    out = tmp_path / "cmp"
+    command = tiny(cache_dir, out, "--compare=opd,trb", "--seeds=0", "--max_steps=1", "--checkpoint_every=1",
+                   "--eval_every=0", "--compare_workers=1")
+    run(*command)
+    methods = json.loads((out / "comparison.json").read_text())["methods"]
+    before = folder_state(out)
+    result = run(*command, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: compare: out_dir: {out / 'opd_seed0'} holds an earlier run's checkpoints")
+    assert "--resume=true" in lines[0] and folder_state(out) == before
+    run(*command, "--resume=true")
+    assert json.loads((out / "comparison.json").read_text())["methods"] == methods
+    runs = lambda state: {name: v for name, v in state.items() if name.startswith(("opd_seed0/", "trb_seed0/"))}
+    assert runs(folder_state(out)) == runs(before)
+
+
 def test_a_compare_run_that_stops_returns_none_from_its_worker(tmp_path, monkeypatch):
     """A run that stops with config.die in a compare worker returns None, with its line in its progress.log, instead
     of ending the worker process (the pool would then wait for its result forever)."""
@@ -236,7 +257,7 @@ def test_every_checkpoint_damaged_stops_with_one_line(cache_dir, tmp_path):
     assert [line.split(" cannot be loaded")[0] for line in lines if line.startswith("warning:")] == [
         f"warning: checkpoint {p}" for p in reversed(folders)]
     assert lines[-1] == (f"error: resume: none of the 3 checkpoints in {out / 'checkpoints'} can be loaded (see the "
-                         f"warnings above); to start over instead, --resume=false")
+                         f"warnings above); to start over instead, --resume=false --overwrite=true")
     assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
     assert folder_state(out) == before
 
@@ -250,6 +271,34 @@ def test_keep_checkpoints_counts_back_from_the_one_just_saved(tmp_path):
     checkpoints.remove_older_checkpoints(tmp_path, 4, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step_000006", "step_000003",
                                                                             "step_000004"]
+
+
+def test_relaunch_stops_and_keeps_the_run_unless_overwrite(cache_dir, tmp_path):
+    """Relaunching a finished run's command (resume false) into its out_dir stops with exit code 2 and one line that
+    names --resume=true and --overwrite=true, and leaves every file of the run as it was; with --overwrite=true it
+    starts over: earlier checkpoints removed, logs begun again from step 0."""
+    out = tmp_path / "run"
+    command = tiny(cache_dir, out, "--max_steps=2", "--checkpoint_every=1", "--eval_every=0")
+    run(*command)
+    before = folder_state(out)
+    assert any(name.startswith("checkpoints/step_000002/") for name in before)
+    result = run(*command, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000002)")
+    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert folder_state(out) == before
+    again = run(*tiny(cache_dir, out, "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
+    assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(cache_dir, tmp_path):
+    """--resume=true into an out_dir without checkpoints prints one line saying it starts fresh, and does."""
+    out = tmp_path / "run"
+    result = run(*tiny(cache_dir, out, "--max_steps=1", "--eval_every=0", "--resume=true"))
+    assert result.stdout.splitlines()[0] == f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh"
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
 
 
 @pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])

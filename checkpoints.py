@@ -1,10 +1,12 @@
 """
-Run bookkeeping that survives interruption: folders written atomically, the newest complete checkpoint, the logs
-(metrics.jsonl, samples.jsonl) cut back to a checkpoint, and train_small.py's single-device checkpoint (train_fsdp.py
-writes sharded DCP ones).
+Run bookkeeping that survives interruption and relaunching: folders written atomically, the complete checkpoints of
+a run (the newest keep_checkpoints are kept), the refusal of a fresh run to delete an earlier run's checkpoints, the
+logs (metrics.jsonl, samples.jsonl) cut back to a checkpoint, and train_small.py's single-device checkpoint
+(train_fsdp.py writes sharded DCP ones).
 
 A checkpoint is <out_dir>/checkpoints/step_XXXXXX. It is written to .tmp-step_XXXXXX and renamed only when complete,
-so a run killed during a save resumes from the previous checkpoint, never from half a folder.
+so a run killed during a save resumes from the previous checkpoint, never from half a folder. A complete checkpoint
+that is damaged later (a truncated file) fails to load, and the resume falls back to the one before it.
 """
 import json
 import os
@@ -30,16 +32,29 @@ def checkpoint_path(out_dir, step):
     return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint (temporary folders of an interrupted save are ignored), or None."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+def complete_checkpoints(out_dir):
+    """The complete checkpoints in out_dir, oldest first (temporary folders of an interrupted save are ignored)."""
+    return sorted(path for path in (Path(out_dir) / "checkpoints").glob("step_*") if path.is_dir())
 
 
-def remove_older_checkpoints(out_dir, step):
-    for old in (Path(out_dir) / "checkpoints").glob("step_*"):
-        if old.name != f"step_{step:06d}":
-            shutil.rmtree(old)
+def fresh_run_refused(out_dir, resume, overwrite):
+    """The one-line reason a run must not start in out_dir, or None: a fresh run (resume false) there would delete
+    the checkpoints an earlier run left, and only overwrite true allows that (relaunching a command must not destroy
+    the run it started)."""
+    found = complete_checkpoints(out_dir)
+    if resume or overwrite or not found:
+        return None
+    return (f"out_dir: {out_dir} holds an earlier run's checkpoints (newest {found[-1].name}); continue it with "
+            f"--resume=true, or delete them and its logs with --overwrite=true")
+
+
+def remove_older_checkpoints(out_dir, step, keep):
+    """Keeps the checkpoint just saved at `step` and the keep - 1 complete ones before it. Any after it are removed:
+    they are ones a resume could not load (it fell back to an older one), and this run recomputes their steps."""
+    found = complete_checkpoints(out_dir)
+    before = [path for path in found if path.name < f"step_{step:06d}"]
+    for old in before[:max(len(before) - (keep - 1), 0)] + [path for path in found if path.name > f"step_{step:06d}"]:
+        shutil.rmtree(old)
 
 
 def read_log(path, upto_step):
@@ -65,25 +80,29 @@ def rewrite_log(path, rows):
     write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def save_checkpoint(out_dir, step, student, optimizer, generator):
-    """Single device: the student (safetensors), AdamW's state, the step and every RNG state; older ones removed."""
+def save_checkpoint(out_dir, step, student, optimizer, generator, keep):
+    """Single device: the student (safetensors), AdamW's state, the step and every RNG state; only the newest `keep`
+    checkpoints stay."""
     state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
              "sampler_rng": generator.get_state()}
     save_atomically(checkpoint_path(out_dir, step), lambda tmp: (
         student.save_pretrained(tmp / "student"), torch.save(optimizer.state_dict(), tmp / "optimizer.pt"),
         torch.save(state, tmp / "state.pt")))
-    remove_older_checkpoints(out_dir, step)
+    remove_older_checkpoints(out_dir, step, keep)
 
 
 def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False):
     """Single device: restores the student's weights and AdamW's state in place, and the RNG states; returns the step
-    (the data position is a function of it)."""
+    (the data position is a function of it). Every file is read before anything is restored, so a damaged file
+    leaves the run's state as it was; and whatever a failed load did apply, the next checkpoint loaded overwrites
+    (every weight, AdamW tensor and RNG state)."""
     from transformers import AutoModelForCausalLM
     saved = AutoModelForCausalLM.from_pretrained(path / "student", dtype=torch.float32,
                                                  trust_remote_code=trust_remote_code)
-    student.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     state = torch.load(path / "state.pt", weights_only=True)
+    student.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     generator.set_state(state["sampler_rng"])

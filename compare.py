@@ -6,8 +6,9 @@ confidence interval (Student's t over the paired differences), for the final pas
 pass@1 curve (the mean over evaluations, less noisy than one point). Results go to out_dir as comparison.json,
 comparison.md (the tables, then one held-out problem as each method's student finally writes it) and comparison.png
 (pass@1 against step with confidence bands, the paired difference to OPD, the budget and mean beta, the teacher
-log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. With --resume=true, finished
-runs are read back and an interrupted one continues from its checkpoint.
+log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. Relaunched with --resume=true,
+finished runs are read back, an interrupted one continues from its checkpoint and the others start; without it, a
+comparison whose runs left checkpoints stops at once, before any run starts (--overwrite=true starts every run over).
 """
 import dataclasses
 import functools
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+import checkpoints
+from config import die
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +92,10 @@ def _run(run_cfg):
         torch.set_num_threads(run_cfg.num_threads)
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
-        return train_small.train(run_cfg)
+        try:
+            return train_small.train(run_cfg)
+        except SystemExit:  # a run that stops (config.die) said why in its log; a worker exiting would hang the pool
+            return None
 
 
 def _prepare(run_cfg):
@@ -107,6 +114,10 @@ def compare(cfg, train):
     started = time.time()
     configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
                for s in seeds for m in methods}
+    for run_cfg in configs.values():  # before any run starts (each would refuse on its own, after others trained)
+        refused = checkpoints.fresh_run_refused(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite)
+        if refused:
+            die(f"compare: {refused}")
     workers = min(cfg.compare_workers, len(configs))
     if workers <= 1:
         runs = {key: finished(run_cfg) or train(run_cfg) for key, run_cfg in configs.items()}
@@ -119,6 +130,10 @@ def compare(cfg, train):
             pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(_run, configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
+        for key, history in runs.items():
+            if history is None:
+                said = (Path(configs[key].out_dir) / "progress.log").read_text().strip().splitlines() or ["?"]
+                die(f"compare: the run in {configs[key].out_dir} stopped: {said[-1].removeprefix('error: ')}")
     runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
     results = summarise(runs, seeds, cfg)
     results["wall_s"] = round(time.time() - started, 1)

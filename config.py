@@ -70,8 +70,8 @@ class Config:
     warmup_steps: int = key("E5: K, steps over which eps anneals linearly to 0 (also SKD / temperature warmup length)",
                             at_least(1))
     temperature: float = key("rollout sampling temperature (0 = greedy), paper: 1.0", at_least(0))
-    skd_top_k: int = key("SKD: a student token outside the teacher's top-k is replaced (paper: 15-50 of 151k tokens; "
-                         "18 here)", at_least(1))
+    skd_top_k: int = key("SKD: a student token outside the teacher's top-k is replaced (paper sweeps 15, 25, 50 of "
+                         "151k tokens; the embedded task: 3 of its 18)", at_least(1))
     skd_temperature: float = key("SKD: temperature of the replacing teacher sample", above(0))
     tau0: float = key("temperature_warmup: start temperature, annealed to `temperature` over warmup_steps", above(0))
     # Distillation loop
@@ -123,7 +123,10 @@ class Config:
     out_dir: str = key("metrics.jsonl, samples.jsonl, summary.json, checkpoints/, student/ (and comparison.* with "
                        "compare)", NON_EMPTY)
     checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
-    resume: bool = key("true: continue from the last complete checkpoint in out_dir")
+    keep_checkpoints: int = key("the newest this many checkpoints are kept (a resume that cannot load one falls back "
+                                "to the one before)", at_least(1))
+    resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
+    overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",

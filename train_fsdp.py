@@ -189,6 +189,20 @@ class FSDP(small.SingleDevice):
         dist.all_reduce(total)
         return total.tolist()
 
+    def everywhere(self, flag):
+        """Whether flag holds on every rank: a MIN all-reduce, so that all ranks stop or move on together."""
+        flag = torch.tensor([int(bool(flag))], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def stop(self, message):
+        """Every rank closes the process group as main() does at the end (exiting with it open can abort in gloo's
+        teardown), then exits with code 2; rank 0 says why in one line."""
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+        super().stop(message)
+
     def share(self, n):
         """This rank's contiguous rows of a global batch of n."""
         return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
@@ -203,8 +217,9 @@ class FSDP(small.SingleDevice):
     # of AdamW's state) + state.json (step; the data position follows it) + rng_rank<r>.pt. Written to
     # .tmp-step_XXXXXX and renamed by rank 0 after a barrier, so an interrupted save is never picked up.
 
-    def save_checkpoint(self, out_dir, step, student, optimizer, generator):
-        """Every rank writes its shards and RNG states; rank 0 completes the folder and removes older checkpoints."""
+    def save_checkpoint(self, out_dir, step, student, optimizer, generator, keep):
+        """Every rank writes its shards and RNG states; rank 0 completes the folder and removes all but the newest
+        `keep` checkpoints."""
         final = checkpoints.checkpoint_path(out_dir, step)
         tmp = final.with_name(f".tmp-{final.name}")
         if self.is_main:
@@ -220,19 +235,36 @@ class FSDP(small.SingleDevice):
             (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": self.world}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            checkpoints.remove_older_checkpoints(out_dir, step)
+            checkpoints.remove_older_checkpoints(out_dir, step, keep)
         dist.barrier()
 
     def load_checkpoint(self, path, student, optimizer, generator, cfg):
-        """Restores the sharded student and optimizer (DCP reshards them if the world size changed) and returns the
-        step. RNG states are restored when the world size is the same; otherwise the sampler keeps its fresh seed."""
+        """
+        Restores the sharded student and optimizer (DCP reshards them if the world size changed) and returns the
+        step. RNG states are restored when the world size is the same; otherwise the sampler keeps its fresh seed.
+        A checkpoint that cannot be loaded raises on every rank at the same point, so that all ranks fall back to the
+        one before together (train_small.resume_from): the small files are read first and the ranks agree on them
+        before DCP's collectives start, and DCP itself gathers each rank's read errors and raises on all of them.
+        Whatever a failed load wrote into the student's and AdamW's tensors, the next load overwrites: DCP loads
+        every key of the state dict.
+        """
+        try:
+            meta = json.loads((Path(path) / "state.json").read_text())
+            rng = (torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=True)
+                   if meta["world_size"] == self.world else None)
+            problem = None
+        except Exception as error:
+            problem = error
+        if not self.everywhere(problem is None):
+            raise problem or RuntimeError("its state.json or RNG file cannot be read on another rank")
         model_state, optimizer_state = get_state_dict(student, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except dcp.CheckpointException as error:  # a BaseException that holds each failed rank's exception
+            raise next(iter(error.failures.values()))[0] from None  # the first, as an ordinary exception
         set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        meta = json.loads((Path(path) / "state.json").read_text())
-        if meta["world_size"] == self.world:
-            rng = torch.load(Path(path) / f"rng_rank{self.rank}.pt", weights_only=True)
+        if rng is not None:
             torch.set_rng_state(rng["torch_rng"])
             random.setstate(rng["python_rng"])
             generator.set_state(rng["sampler_rng"])

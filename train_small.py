@@ -10,6 +10,7 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     ./run.sh                                                # the same on a fresh clone (sets up .venv first)
     python train_small.py --method=opd --max_steps=60       # another behavior policy, shorter run
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
+    python train_small.py --overwrite=true                  # start over in an out_dir that holds a run's checkpoints
     python train_small.py --compare=opd,trb                  # seeds 0-7, paired differences with 95% intervals
     python train_small.py --config=configs/gsm8k_1gpu.yaml                 # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
@@ -223,6 +224,19 @@ class SingleDevice:
         """A list of numbers summed over processes (FSDP: all-reduce)."""
         return list(values)
 
+    def everywhere(self, flag):
+        """Whether `flag` holds in every process (FSDP: a MIN all-reduce), for decisions that stop the run or pick
+        its checkpoint: every rank must take them together, or one would wait in a collective the others never
+        reach."""
+        return bool(flag)
+
+    def stop(self, message):
+        """Ends the run with exit code 2 and one line from the main process (config.die). Every process calls it at
+        once, after they agreed (`everywhere`); FSDP: the process group is closed first."""
+        if self.is_main:
+            die(message)
+        sys.exit(2)
+
     def share(self, n):
         """This process's rows of a global batch of n (FSDP: a contiguous 1/world of them)."""
         return slice(0, n)
@@ -231,8 +245,8 @@ class SingleDevice:
         """The output embedding's rows of the shared vocabulary, as chunked_opd_loss reads them."""
         return model.get_output_embeddings().weight[:V]
 
-    def save_checkpoint(self, out_dir, step, student, optimizer, generator):
-        checkpoints.save_checkpoint(out_dir, step, student, optimizer, generator)
+    def save_checkpoint(self, out_dir, step, student, optimizer, generator, keep):
+        checkpoints.save_checkpoint(out_dir, step, student, optimizer, generator, keep)
 
     def load_checkpoint(self, path, student, optimizer, generator, cfg):
         return checkpoints.load_checkpoint(path, student, optimizer, generator, cfg.trust_remote_code)
@@ -490,6 +504,39 @@ def log_samples(path, step, model_name, samples):
 # The training run.
 
 
+def first_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def resume_from(found, student, optimizer, generator, cfg, runtime):
+    """
+    (checkpoint, step): the newest of the complete checkpoints `found` that loads into the student, AdamW and the
+    RNGs, or (None, 0) if there are none. One that fails to load (a truncated file, say) is named in a warning line
+    and the one before it is tried; loading it overwrites whatever the failed load applied. Under FSDP every rank
+    tries each checkpoint and the ranks move on together. If none loads the run stops: starting fresh instead would
+    silently throw the run away.
+    """
+    for i in reversed(range(len(found))):
+        try:
+            step, problem = runtime.load_checkpoint(found[i], student, optimizer, generator, cfg), None
+        except Exception as error:  # any failure to read or apply it: damaged, truncated, of another model
+            step, problem = 0, first_line(error)
+        if runtime.everywhere(problem is None):
+            if runtime.is_main:
+                print(f"resumed from {found[i]}")
+            return found[i], step
+        if runtime.is_main:
+            then = "trying the one before it" if i else "there is none before it"
+            print(f"warning: checkpoint {found[i]} cannot be loaded ({problem or 'it failed on another rank'}); "
+                  f"{then}", file=sys.stderr, flush=True)
+    if found:
+        runtime.stop(f"resume: none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
+                     f"warnings above); to start over instead, --resume=false --overwrite=true")
+    return None, 0
+
+
 def train(cfg, runtime=None):
     """One distillation run; the main process writes metrics.jsonl, summary.json and the final student to out_dir."""
     runtime = runtime or SingleDevice(cfg)
@@ -497,6 +544,16 @@ def train(cfg, runtime=None):
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     started = time.time()
     out = Path(cfg.out_dir)
+    # Before any model loads: a fresh run never deletes an earlier run's checkpoints unless overwrite says so. Every
+    # rank reads out_dir (one shared folder) and they agree before any stops or tries a checkpoint.
+    refused = checkpoints.fresh_run_refused(out, cfg.resume, cfg.overwrite)
+    found = checkpoints.complete_checkpoints(out) if cfg.resume else []
+    same = runtime.sum([len(found)])[0] == runtime.world * len(found)  # every rank sees as many checkpoints
+    if not runtime.everywhere(refused is None and same):
+        runtime.stop(refused or f"out_dir: the ranks see different checkpoints in {out} (it must be one folder "
+                                f"that all of them share)")
+    if cfg.resume and not found and runtime.is_main:
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh")
     random.seed(cfg.seed)
     # FSDP, embedded task: rank 0 trains and caches the synthetic models, the others then load them. Real models:
     # every rank loads at once (the hub's file locks make one of them download), so no rank waits in a collective.
@@ -507,16 +564,12 @@ def train(cfg, runtime=None):
     device = next(student.parameters()).device
     eos_ids = stop_token_ids(tokenizer, student, teacher)
     generator = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
-    optimizer, start = make_optimizer(student, cfg), 0
-    checkpoint = checkpoints.latest_checkpoint(out) if cfg.resume else None
-    if checkpoint is not None:
-        start = runtime.load_checkpoint(checkpoint, student, optimizer, generator, cfg)
-        if runtime.is_main:
-            print(f"resumed from {checkpoint}")
+    optimizer = make_optimizer(student, cfg)
+    checkpoint, start = resume_from(found, student, optimizer, generator, cfg, runtime)
     history = []  # on resume: the rows logged up to the checkpoint (later ones and a half-written line are dropped)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:  # a fresh run: an earlier run's checkpoints here must never be resumed into it
+        if checkpoint is None:  # a fresh run (no checkpoints here, or overwrite): never resumed into an earlier one
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         else:
             history = checkpoints.read_log(out / "metrics.jsonl", start)
@@ -558,7 +611,7 @@ def train(cfg, runtime=None):
             record(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
             if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
-                runtime.save_checkpoint(out, row["step"], student, optimizer, generator)
+                runtime.save_checkpoint(out, row["step"], student, optimizer, generator, cfg.keep_checkpoints)
     runtime.export(student, tokenizer, out / "student", eos_ids)
     if runtime.is_main:
         evals = [row for row in history if "pass@1" in row]
@@ -575,7 +628,7 @@ def train(cfg, runtime=None):
 OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",
            "samples.jsonl": "greedy completions of the shown held-out problems at every evaluation, the teacher's once",
            "summary.json": "the numbers below and the config",
-           "checkpoints": "the last checkpoint (--resume=true continues from it)",
+           "checkpoints": "the newest checkpoints (--resume=true continues from the last one that loads)",
            "student": "the distilled student (from_pretrained loads it)"}
 
 
@@ -586,7 +639,8 @@ def print_summary(cfg, argv):
     summary = json.loads((out / "summary.json").read_text())
     minutes, seconds = divmod(round(summary["wall_s"]), 60)
     teacher = f"{summary['teacher']['pass@1']:.3f}" if summary["teacher"] else "not measured (real models)"
-    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--method=", "--seed="))]
+    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--overwrite=", "--method=",
+                                                        "--seed="))]
     launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
     runs = 2 * len(cfg.seeds.split(","))
     print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")

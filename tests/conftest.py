@@ -85,3 +85,12 @@ def qwen3_args(folders, out_dir, *extra):
             "--eval_max_new_tokens=4", "--max_steps=1", "--eval_size=2", "--eval_samples=1", "--eval_every=0",
             "--checkpoint_every=0", "--rollout_batch_size=2", "--micro_batch_size=2", "--eval_batch_size=2",
             "--loss_chunk_size=8", f"--out_dir={out_dir}", *extra]
+
+
+def folder_state(path):
+    """Every file under path with its size, modification time (ns) and SHA-256: equal states mean nothing in the
+    folder was written, replaced or removed."""
+    import hashlib
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns,
+                                       hashlib.sha256(f.read_bytes()).hexdigest())
+            for f in sorted(Path(path).rglob("*")) if f.is_file()}

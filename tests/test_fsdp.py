@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE_EOS, CHAT_EOS, qwen3_args, relative_weight_error
+from conftest import BASE_EOS, CHAT_EOS, folder_state, qwen3_args, relative_weight_error
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,34 @@ def run(command, timeout=240):
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command[:6])} ... failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def stopped_on_every_rank(out_dir, cache_dir, *extra, nproc=2):
+    """
+    Launches train_fsdp.py as nproc processes with the variables torchrun would set, but without torchrun (which
+    kills the other ranks once one exits, hiding what each decided), and checks that every rank exited by itself
+    with code 2 and that only rank 0 wrote to stderr, with no traceback; returns rank 0's stderr.
+    """
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    logs = [Path(f"{out_dir}.rank{rank}.stderr") for rank in range(nproc)]  # next to out_dir, not in it
+    processes = []
+    for rank in range(nproc):
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+        with open(logs[rank], "w") as err:
+            processes.append(subprocess.Popen([sys.executable, "train_fsdp.py", *TINY, *FSDP_ONLY,
+                                               f"--cache_dir={cache_dir}", f"--out_dir={out_dir}", *extra],
+                                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        codes = [process.wait(timeout=240) for process in processes]  # a rank left in a collective would hang here
+    finally:
+        for process in processes:
+            process.kill()
+    errors = [log.read_text() for log in logs]
+    assert codes == [2] * nproc and not any(errors[1:]) and "Traceback" not in errors[0], errors
+    return errors[0]
 
 
 def train_small(out_dir, cache_dir, *extra):
@@ -221,6 +250,76 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
     # DCP reshards the student and AdamW state for another world size (the sampler RNG restarts; greedy here).
     run(fsdp_command(runs / "killed_one_rank", runs / "cache", "--checkpoint_every=2", "--resume=true", nproc=1))
     assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
+
+
+def test_fsdp_relaunch_stops_every_rank_and_keeps_the_run_unless_overwrite(runs):
+    """Relaunching the FSDP run's command (resume false) into a copy of its out_dir stops both ranks with exit code 2
+    and one line naming --resume=true and --overwrite=true, leaving every file as it was; with --overwrite=true it
+    starts over (earlier checkpoints removed, logs begun again from step 0)."""
+    out = runs / "relaunched"
+    shutil.copytree(runs / "fsdp", out)
+    before = folder_state(out)
+    lines = stopped_on_every_rank(out, runs / "cache", "--checkpoint_every=2").strip().splitlines()
+    assert len(lines) == 1, lines  # nothing else: it stops before the models load
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000004)")
+    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert folder_state(out) == before
+    again = run(fsdp_command(out, runs / "cache", "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
+    assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()
+    assert [row["step"] for row in metrics(out)] == [0, 1]
+
+
+def test_fsdp_resume_without_a_checkpoint_says_it_starts_fresh(runs):
+    """--resume=true into an out_dir without checkpoints: rank 0 prints one line saying it starts fresh, and it does."""
+    out = runs / "resumed_from_nothing"
+    result = run(fsdp_command(out, runs / "cache", "--max_steps=1", "--resume=true"))
+    assert result.stdout.count(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh\n") == 1
+    assert [row["step"] for row in metrics(out)] == [0, 1]
+
+
+def test_fsdp_damaged_newest_checkpoint_falls_back_to_the_one_before(runs):
+    """
+    The module's FSDP run keeps its two checkpoints (steps 2 and 4, keep_checkpoints 2). With rank 1's shard file of
+    step 4 cut in half, every rank fails that load (rank 0's shards load, partly restoring step 4) and all of them
+    fall back to step 2 together: one warning line, then the run ends bitwise equal to the uninterrupted one, so the
+    step-2 load overwrote all the failed one had applied, and the logs were cut back to step 2.
+    """
+    out = runs / "damaged"
+    shutil.copytree(runs / "fsdp", out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    shard = out / "checkpoints" / "step_000004" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    result = run(fsdp_command(out, runs / "cache", "--checkpoint_every=2", "--resume=true"))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: checkpoint {out / 'checkpoints' / 'step_000004'} cannot be loaded (") and warnings[0].endswith(
+        "); trying the one before it"), result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'}" in result.stdout
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(metrics(out)) == strip(metrics(runs / "fsdp"))
+    assert (out / "samples.jsonl").read_text() == (runs / "fsdp" / "samples.jsonl").read_text()
+    assert relative_weight_error(weights(runs / "fsdp"), weights(out)) == 0.0
+
+
+def test_fsdp_every_checkpoint_damaged_stops_every_rank_with_one_line(runs):
+    """keep_checkpoints=2 keeps exactly the newest 2 of 3 saves (rank 0 removes the oldest); with a shard file of one
+    truncated and the state.json of the other unreadable, --resume=true names each in a warning and stops both ranks
+    with exit code 2 and one error line (no rank is left waiting in a collective), leaving the folder untouched."""
+    out = runs / "all_damaged"
+    run(fsdp_command(out, runs / "cache", "--max_steps=3", "--checkpoint_every=1", "--keep_checkpoints=2"))
+    folders = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in folders] == ["step_000002", "step_000003"]
+    shard = folders[0] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (folders[1] / "state.json").write_text('{"step": 3, "world')
+    before = folder_state(out)
+    stderr = stopped_on_every_rank(out, runs / "cache", "--max_steps=4", "--checkpoint_every=1", "--resume=true")
+    lines = [line for line in stderr.splitlines() if line.startswith(("warning: ", "error: "))]  # not loading bars
+    assert [line.split(" cannot be loaded")[0] for line in lines[:-1]] == [
+        f"warning: checkpoint {p}" for p in reversed(folders)]
+    assert lines[-1] == (f"error: resume: none of the 2 checkpoints in {out / 'checkpoints'} can be loaded (see the "
+                         f"warnings above); to start over instead, --resume=false --overwrite=true")
+    assert folder_state(out) == before
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def test_thinking_switch_reaches_the_chat_template(qwen3_folders, thinking):
 
 
 def test_presets_load_and_real_models_refuse_the_embedded_defaults(capsys):
-    """Every preset is a whole config (every key, in config.yaml's order) that loads; a real model with config.yaml's
+    """Every preset is a whole config (every key, in config.yaml's order) that loads and writes to its own
+    runs/<preset> folder (relaunching one never meets another's checkpoints); a real model with config.yaml's
     embedded-task settings stops with one line naming the key and pointing to the presets."""
     presets = sorted((ROOT / "configs").glob("*.yaml"))
     assert {p.stem for p in presets} >= {"qwen3_1.7b_from_8b", "qwen3_0.6b_from_4b", "gsm8k_1gpu"}
@@ -74,6 +75,7 @@ def test_presets_load_and_real_models_refuse_the_embedded_defaults(capsys):
         cfg = config.load_config([f"--config={path}"])
         assert cfg.student != "synthetic" and cfg.lr == 1e-5 and cfg.max_new_tokens >= 1024, path.name
         assert cfg.eval_max_new_tokens >= cfg.max_new_tokens and cfg.chunked_loss
+        assert cfg.out_dir == f"runs/{path.stem}" and cfg.keep_checkpoints >= 2, path.name
     with pytest.raises(SystemExit):
         config.load_config(["--student=Qwen/Qwen3-0.6B-Base", "--teacher=Qwen/Qwen3-4B", "--dataset=openai/gsm8k"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
-from conftest import relative_weight_error  # noqa: E402
+from conftest import folder_state, relative_weight_error  # noqa: E402
 import math_data  # noqa: E402
 import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
@@ -146,17 +146,69 @@ def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
     assert json.loads((tmp_path / "serial" / "comparison.json").read_text())["methods"] == methods
 
 
-def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
+def test_compare_relaunch_stops_at_once_and_resume_reads_finished_runs_back(cache_dir, tmp_path):
+    """Relaunching a comparison whose runs left checkpoints stops with one line naming --resume=true before any run
+    starts, and leaves every file as it was; relaunched with --resume=true it reads the finished runs back (none is
+    retrained: their folders stay as they were) and writes the same comparison."""
+    out = tmp_path / "cmp"
+    command = tiny(cache_dir, out, "--compare=opd,trb", "--seeds=0", "--max_steps=1", "--checkpoint_every=1",
+                   "--eval_every=0", "--compare_workers=1")
+    run(*command)
+    methods = json.loads((out / "comparison.json").read_text())["methods"]
+    before = folder_state(out)
+    result = run(*command, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: compare: out_dir: {out / 'opd_seed0'} holds an earlier run's checkpoints")
+    assert "--resume=true" in lines[0] and folder_state(out) == before
+    run(*command, "--resume=true")
+    assert json.loads((out / "comparison.json").read_text())["methods"] == methods
+    runs = lambda state: {name: v for name, v in state.items() if name.startswith(("opd_seed0/", "trb_seed0/"))}
+    assert runs(folder_state(out)) == runs(before)
+
+
+def test_a_compare_run_that_stops_returns_none_from_its_worker(tmp_path, monkeypatch):
+    """A run that stops with config.die in a compare worker returns None, with its line in its progress.log, instead
+    of ending the worker process (the pool would then wait for its result forever)."""
+    import dataclasses
+    import compare
+    monkeypatch.setattr(train_small, "train", lambda cfg: config.die("resume: nothing loads"))
+    run_cfg = dataclasses.replace(config.load_config([]), out_dir=str(tmp_path / "run"), num_threads=0)
+    assert compare._run(run_cfg) is None
+    assert (tmp_path / "run" / "progress.log").read_text() == "error: resume: nothing loads\n"
+
+
+RESUMED = ["--method=trb", "--warmup_steps=4", "--checkpoint_every=2"]  # the blend is still on after step 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, tmp_path_factory):
+    """A 4-step run without interruption, that the resumed runs must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(*tiny(cache_dir, out, "--max_steps=4", *RESUMED))
+    return out
+
+
+def assert_same_run(a, b):
+    """The final weights, every logged metric (but the wall-clock speed) and samples.jsonl of two runs are equal,
+    bitwise."""
+    from safetensors.torch import load_file
+    first, second = (load_file(Path(out) / "student" / "model.safetensors") for out in (a, b))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
+    assert strip(Path(a) / "metrics.jsonl") == strip(Path(b) / "metrics.jsonl")
+    assert (Path(a) / "samples.jsonl").read_text() == (Path(b) / "samples.jsonl").read_text()  # not duplicated
+
+
+def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path, uninterrupted):
     """
     Stop after a checkpoint, resume past a half-written save and half-written log lines: the final weights, every
     logged metric and samples.jsonl equal an uninterrupted run's, bitwise. Exact by construction: both runs execute the same ops
     on the same values in the same order on this machine (one thread, saved RNG states, weights and AdamW state
     restored exactly from safetensors and torch.save); nothing compares results across machines.
     """
-    from safetensors.torch import load_file
-    common = ["--method=trb", "--warmup_steps=4", "--checkpoint_every=2"]  # the blend is still on after the stop
-    run(*tiny(cache_dir, tmp_path / "full", "--max_steps=4", *common))
-    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=2", *common))
+    run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=2", *RESUMED))
     half_written = tmp_path / "parts" / "checkpoints" / ".tmp-step_000003"  # as left by a kill during a save
     half_written.mkdir()
     (half_written / "state.pt").write_bytes(b"truncated")
@@ -164,16 +216,89 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path):
         log.write('{"step": 3, "loss": 0.1')
     with open(tmp_path / "parts" / "samples.jsonl", "a") as log:  # a sample logged after the checkpoint, half a line
         log.write('{"step": 3, "model": "student", "problem": 0}\n{"step": 4, "mod')
-    resumed_run = run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", *common, "--resume=true"))
+    resumed_run = run(*tiny(cache_dir, tmp_path / "parts", "--max_steps=4", *RESUMED, "--resume=true"))
     assert "resumed from" in resumed_run.stdout and "step_000002" in resumed_run.stdout
-    full = load_file(tmp_path / "full" / "student" / "model.safetensors")
-    resumed = load_file(tmp_path / "parts" / "student" / "model.safetensors")
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in open(path)]
-    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "parts" / "metrics.jsonl")
-    samples = [(tmp_path / name / "samples.jsonl").read_text() for name in ("full", "parts")]
-    assert samples[0] == samples[1]  # cut back to the checkpoint, not duplicated
+    assert_same_run(uninterrupted, tmp_path / "parts")  # the logs cut back to the checkpoint, not duplicated
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(cache_dir, tmp_path, uninterrupted):
+    """A finished run keeps its two newest checkpoints (keep_checkpoints 2); with the newest one's model.safetensors
+    truncated, --resume=true names it in one warning line, resumes from the one before, cuts the logs back to it and
+    ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    run(*tiny(cache_dir, out, "--max_steps=4", *RESUMED))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    weights = out / "checkpoints" / "step_000004" / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    resumed = run(*tiny(cache_dir, out, "--max_steps=4", *RESUMED, "--resume=true"))
+    warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: checkpoint {out / 'checkpoints' / 'step_000004'} cannot be loaded (") and warnings[0].endswith(
+        "); trying the one before it"), resumed.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'}" in resumed.stdout
+    assert_same_run(uninterrupted, out)
+
+
+def test_every_checkpoint_damaged_stops_with_one_line(cache_dir, tmp_path):
+    """keep_checkpoints=3 keeps exactly the newest 3; with all three damaged (weights truncated, AdamW state
+    truncated, RNG state missing) --resume=true names each in a warning and stops with exit code 2 and one error
+    line, no traceback, before the logs are touched (it does not start fresh)."""
+    out = tmp_path / "run"
+    run(*tiny(cache_dir, out, "--max_steps=4", "--checkpoint_every=1", "--keep_checkpoints=3", "--eval_every=0"))
+    folders = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in folders] == ["step_000002", "step_000003", "step_000004"]
+    for damaged in (folders[0] / "student" / "model.safetensors", folders[1] / "optimizer.pt"):
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    (folders[2] / "state.pt").unlink()
+    before = folder_state(out)
+    result = run(*tiny(cache_dir, out, "--max_steps=5", "--checkpoint_every=1", "--resume=true"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line.split(" cannot be loaded")[0] for line in lines if line.startswith("warning:")] == [
+        f"warning: checkpoint {p}" for p in reversed(folders)]
+    assert lines[-1] == (f"error: resume: none of the 3 checkpoints in {out / 'checkpoints'} can be loaded (see the "
+                         f"warnings above); to start over instead, --resume=false --overwrite=true")
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert folder_state(out) == before
+
+
+def test_keep_checkpoints_counts_back_from_the_one_just_saved(tmp_path):
+    """After a save at step 4 with keep 2, step 4 and the complete checkpoint before it stay; older ones go, and so
+    does a newer one (left by a resume that could not load it and fell back); a temporary folder is left alone."""
+    import checkpoints
+    for name in ("step_000001", "step_000002", "step_000003", "step_000004", "step_000005", ".tmp-step_000006"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    checkpoints.remove_older_checkpoints(tmp_path, 4, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step_000006", "step_000003",
+                                                                            "step_000004"]
+
+
+def test_relaunch_stops_and_keeps_the_run_unless_overwrite(cache_dir, tmp_path):
+    """Relaunching a finished run's command (resume false) into its out_dir stops with exit code 2 and one line that
+    names --resume=true and --overwrite=true, and leaves every file of the run as it was; with --overwrite=true it
+    starts over: earlier checkpoints removed, logs begun again from step 0."""
+    out = tmp_path / "run"
+    command = tiny(cache_dir, out, "--max_steps=2", "--checkpoint_every=1", "--eval_every=0")
+    run(*command)
+    before = folder_state(out)
+    assert any(name.startswith("checkpoints/step_000002/") for name in before)
+    result = run(*command, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000002)")
+    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert folder_state(out) == before
+    again = run(*tiny(cache_dir, out, "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
+    assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(cache_dir, tmp_path):
+    """--resume=true into an out_dir without checkpoints prints one line saying it starts fresh, and does."""
+    out = tmp_path / "run"
+    result = run(*tiny(cache_dir, out, "--max_steps=1", "--eval_every=0", "--resume=true"))
+    assert result.stdout.splitlines()[0] == f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh"
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
 
 
 @pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])

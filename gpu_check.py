@@ -1,0 +1,221 @@
+"""
+The full-size path on one GPU in under 8 minutes, before a long run: random-weight Qwen3-1.7B <- Qwen3-8B shapes (no
+download), one report. What it runs, each part in its own process with its own time limit, so one failure still
+leaves the others' figures:
+
+  1. decode   bench.py decode --device=cuda --dtype=bfloat16 at 1.7B <- 8B, 16 rows, 1024 new tokens, static and
+              compiled: the blended decode's tokens/s against student.generate + teacher.generate, the token rule's
+              share of a step, peak memory.
+  2. train    train_small.py's real-model path for 2 steps (a TRB warmup, so both models decode) with about 1k new
+              tokens per row, from model folders written here, with the measured peak memory of each moment (rollout,
+              training, evaluation; torch.cuda.max_memory_allocated) beside memory_plan.py's figure for the same config.
+  3. fsdp     torchrun --nproc_per_node=1 train_fsdp.py on NCCL for 2 steps on the same folders.
+
+    python gpu_check.py --out=gpu_report                 # writes gpu_report/report.md and one log per part
+    python gpu_check.py --prepare                        # on a machine with the network: wheels into .whl/
+
+The project pins transformers >= 5.24 (its forwards take `cache=`). A machine whose Python has an older transformers
+(or lacks datasets or math-verify) gets them from .whl/ if that folder is there: --prepare downloads the wheels of
+requirements.txt's packages (not torch) for Python 3.12 on x86-64 Linux, and gpu_check.py installs them first.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NEEDED = ["transformers>=5.24,<6", "datasets>=5.2,<6", "math-verify>=0.9,<0.10", "tqdm", "pyyaml"]
+
+
+def prepare(folder):
+    """Download the wheels NEEDED (and what they need, torch aside) for the GPU machine's Python 3.12."""
+    folder.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version=3.12",
+                    "--platform=manylinux2014_x86_64", "--platform=manylinux_2_28_x86_64", "--platform=any",
+                    "--implementation=cp", "-d", str(folder), *NEEDED], check=True)
+    for wheel in folder.glob("torch-*.whl"):
+        wheel.unlink()  # the machine's own CUDA build of torch stays
+
+
+def install_carried(folder, log):
+    """pip install NEEDED from folder, offline, when the running Python does not already satisfy them."""
+    try:
+        import transformers
+        from packaging.version import Version
+        if Version(transformers.__version__) >= Version("5.24"):
+            import datasets  # noqa: F401
+            import math_verify  # noqa: F401
+            return "already installed"
+    except ImportError:
+        pass
+    if not folder.is_dir():
+        return f"not installed: no {folder} (run python gpu_check.py --prepare where the network is, then carry it)"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", f"--find-links={folder}", *NEEDED],
+                            capture_output=True, text=True)
+    log.write_text(result.stdout + result.stderr)
+    return "installed from " + str(folder) if result.returncode == 0 else f"pip install failed (see {log.name})"
+
+
+def write_models(folder):
+    """Random-weight Qwen3-1.7B-Base and Qwen3-8B shapes in bf16, with a Qwen3-sized tokenizer each (Base EOS for the
+    student, chat EOS and template for the teacher), and small prompt and answer files."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+    sys.path.insert(0, str(ROOT / "tests"))
+    import memory_plan
+    from conftest import BASE_EOS, CHAT_EOS, qwen3_sized_tokenizer
+    for name, size, eos in (("student", "1.7B-Base", BASE_EOS), ("teacher", "8B", [CHAT_EOS, BASE_EOS])):
+        if (folder / name / "config.json").exists():
+            continue
+        config = memory_plan.builtin_qwen3(f"Qwen/Qwen3-{size}")
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = eos, BASE_EOS, None
+        torch.manual_seed(len(name))
+        with torch.device("cuda"):
+            model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.generation_config.eos_token_id = eos
+        model.save_pretrained(folder / name)
+        del model
+        torch.cuda.empty_cache()
+        tokenizer = qwen3_sized_tokenizer("<|endoftext|>" if name == "student" else "<|im_end|>",
+                                          chat_template=name == "teacher")
+        tokenizer.save_pretrained(folder / name)
+    with open(folder / "prompts.jsonl", "w") as f:  # training prompts: no answer field, as OpenThoughts3
+        f.writelines(json.dumps({"question": f"What is {i} + {2 * i}? Explain each step."}) + "\n" for i in range(64))
+    with open(folder / "eval.jsonl", "w") as f:
+        f.writelines(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(8))
+
+
+def run_args(models, out_dir):
+    """The 1.7B <- 8B preset cut to two short steps: 4 prompts x 4 rollouts of 1024 new tokens, TRB warmup."""
+    return [f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}", f"--student={models / 'student'}",
+            f"--teacher={models / 'teacher'}", f"--dataset={models / 'prompts.jsonl'}",
+            f"--eval_dataset={models / 'eval.jsonl'}", "--eval_split=train", "--max_steps=2", "--batch_size=4",
+            "--max_new_tokens=1024", "--eval_size=8", "--eval_samples=2", "--eval_max_new_tokens=512",
+            "--eval_every=0", "--checkpoint_every=0", "--shown_problems=1", "--overwrite=true",
+            f"--out_dir={out_dir}"]
+
+
+def measured_train(argv):
+    """Run in a child process: train_small.train on argv with the peak memory of each moment measured, printed as one
+    JSON line beside memory_plan.plan's totals for the same config (GiB)."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import memory_plan
+    import train_small
+    from config import load_config
+    cfg = load_config(argv)
+    peaks = {"rollout peak": 0.0, "training peak": 0.0, "evaluation peak": 0.0}
+
+    def measured(fn, moment):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            result = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            peaks[moment] = max(peaks[moment], torch.cuda.max_memory_allocated() / 2 ** 30)
+            torch.cuda.reset_peak_memory_stats()  # what follows in the step is the loss
+            return result
+        return wrapper
+
+    step = train_small.train_step
+
+    def train_step(*args, **kwargs):
+        torch.cuda.reset_peak_memory_stats()
+        row = step(*args, **kwargs)
+        torch.cuda.synchronize()
+        peaks["training peak"] = max(peaks["training peak"], torch.cuda.max_memory_allocated() / 2 ** 30)
+        return row
+    train_small.rollouts = measured(train_small.rollouts, "rollout peak")
+    train_small.evaluate = measured(train_small.evaluate, "evaluation peak")
+    train_small.train_step = train_step
+    started = time.time()
+    history = train_small.train(cfg)
+    planned = memory_plan.plan(cfg, world_size=1)["totals"]
+    print(json.dumps({"wall_s": round(time.time() - started, 1), "measured_gib": peaks,
+                      "planned_gib": {m: planned[m] / 2 ** 30 for m in peaks},
+                      "losses": [row["loss"] for row in history if "loss" in row],
+                      "tokens_per_s": [row["tokens_per_s"] for row in history if "tokens_per_s" in row]}))
+
+
+def part(name, command, timeout, out, env=None):
+    """Run one part with its own time limit; its output goes to out/<name>.log. Returns (status, seconds, output)."""
+    started = time.time()
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        status, output = ("ok" if result.returncode == 0 else f"failed (exit {result.returncode})",
+                          result.stdout + result.stderr)
+    except subprocess.TimeoutExpired as error:
+        status = f"stopped at its {timeout} s limit"
+        output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
+    (out / f"{name}.log").write_text(output)
+    return status, time.time() - started, output
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_report", help="folder for report.md and the parts' logs")
+    parser.add_argument("--models", default="/tmp/trb_gpu_check", help="where the random-weight folders are written")
+    parser.add_argument("--prepare", action="store_true", help="download the wheels into .whl/ and stop")
+    parser.add_argument("--parts", default="decode,train,fsdp")
+    parser.add_argument("--_measured_train", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._measured_train is not None:
+        return measured_train(args._measured_train)
+    if args.prepare:
+        return prepare(ROOT / ".whl")
+    import torch
+    out, models = Path(args.out), Path(args.models)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    carried = install_carried(ROOT / ".whl", out / "pip.log")
+    import transformers
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    lines += [f"- machine: {gpu}; torch {torch.__version__}; transformers {transformers.__version__} "
+              f"(project packages: {carried})", ""]
+    if not torch.cuda.is_available():
+        (out / "report.md").write_text("\n".join(lines + ["No CUDA device: nothing was run."]) + "\n")
+        return print("\n".join(lines))
+    parts = args.parts.split(",")
+    if "decode" in parts:
+        status, seconds, output = part("decode", [sys.executable, "bench.py", "decode", "--device=cuda",
+                                                  "--dtype=bfloat16", "--pairs=1.7B:8B", "--batch=16",
+                                                  "--new_tokens=1024", "--settings=static,compiled", "--runs=2"],
+                                       200, out)
+        table = [line for line in output.splitlines() if line.startswith(("blended decode", "  "))]
+        lines += [f"## 1. decode: {status}, {seconds:.0f} s", "", "```", *table, "```", ""]
+    if {"train", "fsdp"} & set(parts):
+        started = time.time()
+        write_models(models)
+        lines += [f"Model folders (random weights, bf16) written to {models} in {time.time() - started:.0f} s.", ""]
+    if "train" in parts:
+        status, seconds, output = part("train", [sys.executable, __file__, "--_measured_train",
+                                                 *run_args(models, out / "run_small")], 150, out)
+        lines += [f"## 2. train_small.py, real-model path, 2 steps: {status}, {seconds:.0f} s", ""]
+        found = [line for line in output.splitlines() if line.startswith("{")]
+        if found:
+            result = json.loads(found[-1])
+            lines += ["| moment | measured peak GiB | memory plan GiB | plan / measured |", "|---|---|---|---|"]
+            for moment, measured in result["measured_gib"].items():
+                planned = result["planned_gib"][moment]
+                lines.append(f"| {moment} | {measured:.1f} | {planned:.1f} | "
+                             f"{planned / measured if measured else float('nan'):.2f} |")
+            lines += ["", f"losses {result['losses']}, rollout tokens/s {[round(x) for x in result['tokens_per_s']]}",
+                      ""]
+    if "fsdp" in parts:
+        status, seconds, output = part("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node=1", "train_fsdp.py",
+                                                *run_args(models, out / "run_fsdp")], 150, out)
+        losses = [json.loads(line)["loss"] for line in (out / "run_fsdp" / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in line] if (out / "run_fsdp" / "metrics.jsonl").exists() else []
+        lines += [f"## 3. torchrun --nproc_per_node=1 train_fsdp.py (NCCL), 2 steps: {status}, {seconds:.0f} s", "",
+                  f"losses {losses}", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -197,6 +197,32 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
 
 
+def largest_allocation(run):
+    """The largest single CPU allocation while run() runs (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
+    """The models load_models returns hand their heads a contiguous input: a prefill of 3 rows and the loss's hidden-
+    state forward of 1 row (logits_to_keep=1, the last position of a strided hidden state) allocate less than the
+    (V, H) head, where torch.matmul would multiply by a copy of it per row."""
+    cfg = real_config(qwen3_folders, "--dtype=bfloat16")
+    _, _, teacher, _ = train_small.load_models(cfg, None, None)
+    head = teacher.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and head.shape == (151936, 32)
+    ids = torch.randint(0, 1000, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        prefill = largest_allocation(lambda: trb.blended_generate(teacher, None, ids, mask, eps=0.0, max_new_tokens=2,
+                                                                  temperature=0.0))
+        loss_forward = largest_allocation(lambda: train_small.forward_completions(teacher, ids[:1], mask[:1], 5, 151669,
+                                                                                  hidden=True))
+    assert max(prefill, loss_forward) < head.nbytes, (prefill, loss_forward, head.nbytes)
+
+
 def test_activation_checkpointing_key_reaches_the_student(qwen3_folders):
     """load_models turns on per-layer checkpointing of the student (never the frozen teacher) when the key says so."""
     cfg = real_config(qwen3_folders, "--activation_checkpointing=true")

@@ -44,9 +44,33 @@ from config import die, load_config
 # Data: the embedded synthetic task or a real dataset, answer checking, prompts.
 
 
-def load_splits(cfg):
-    """(train, held-out) datasets with "question" and "answer" fields: the embedded task's, or a real dataset's."""
-    return synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else math_data.load_splits(cfg)
+def load_splits(cfg, tokenizer=None, verbose=True):
+    """
+    (train, held-out) datasets, the embedded task's or a real dataset's: "question" (and, held out, "answer") fields.
+    Rows whose prompt (format_prompt, tokenized as encode_prompts does) is longer than max_prompt_tokens are dropped,
+    with a printed count (verbose): one long prompt would widen every row of its decode call, past the memory plan.
+    """
+    train, held_out = synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else math_data.load_splits(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    held_out_key = "eval_dataset" if cfg.eval_dataset else "dataset"
+    return (drop_long_prompts(train, tokenizer, cfg, "dataset", "training", verbose),
+            drop_long_prompts(held_out, tokenizer, cfg, held_out_key, "held-out", verbose))
+
+
+def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
+    """The rows whose formatted prompt has at most max_prompt_tokens tokens; stops with one line if none has."""
+    prompts = [format_prompt(q, tokenizer, cfg) for q in rows["question"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
+    if not keep:
+        die(f"max_prompt_tokens: all {len(rows)} {what} prompts of {key} {getattr(cfg, key)!r} are longer than "
+            f"{cfg.max_prompt_tokens} tokens (the shortest has {min(lengths, default=0)})")
+    if len(keep) < len(rows):
+        if verbose:
+            print(f"{key}: dropped {len(rows) - len(keep)} of {len(rows)} {what} prompts over max_prompt_tokens="
+                  f"{cfg.max_prompt_tokens} (the longest has {max(lengths)} tokens)")
+        rows = rows.select(keep)
+    return rows
 
 
 def format_prompt(question, tokenizer, cfg):
@@ -100,29 +124,36 @@ def load_pretrained(key, name, cfg, dtype):
         die(f"{key}: cannot load {name!r}: {str(error).splitlines()[0]}")
 
 
-def load_models(cfg, train, held_out):
+def load_tokenizer(cfg):
+    """The student's tokenizer (the embedded task's character tokenizer), left-padded, checked against the teacher's."""
+    if cfg.student == "synthetic":
+        return synthetic_task.char_tokenizer()
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.student),
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        die(f"student: cannot load a tokenizer from {cfg.student!r}: {str(error).splitlines()[0]}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        trb.check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher),
+                                                                      trust_remote_code=cfg.trust_remote_code))
+    except (OSError, ValueError) as error:
+        die(f"teacher: {str(error).splitlines()[0]}")
+    return tokenizer
+
+
+def load_models(cfg, train, held_out, tokenizer=None):
     """(tokenizer, student, teacher, teacher_scores). Teacher frozen: eval mode, no grad."""
     device, dtype = device_and_dtype(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.student == "synthetic":
-        tokenizer = synthetic_task.char_tokenizer()
         score = lambda model: evaluate(model, tokenizer, held_out, cfg, seed=cfg.data_seed)
         teacher, teacher_scores = synthetic_task.teacher(cfg, tokenizer, train, score)
         student = synthetic_task.student(cfg, tokenizer, train)
     else:
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.student),
-                                                      trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as error:
-            die(f"student: cannot load a tokenizer from {cfg.student!r}: {str(error).splitlines()[0]}")
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        try:
-            trb.check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher),
-                                                                          trust_remote_code=cfg.trust_remote_code))
-        except (OSError, ValueError) as error:
-            die(f"teacher: {str(error).splitlines()[0]}")
         student = load_pretrained("student", cfg.student, cfg, torch.float32)
         teacher, teacher_scores = load_pretrained("teacher", cfg.teacher, cfg, dtype), None
     teacher.requires_grad_(False)
@@ -501,8 +532,9 @@ def train(cfg, runtime=None):
     # FSDP, embedded task: rank 0 trains and caches the synthetic models, the others then load them. Real models:
     # every rank loads at once (the hub's file locks make one of them download), so no rank waits in a collective.
     with runtime.main_first() if cfg.student == "synthetic" else nullcontext():
-        train_split, held_out = load_splits(cfg)
-        tokenizer, student, teacher, teacher_scores = load_models(cfg, train_split, held_out)
+        tokenizer = load_tokenizer(cfg)
+        train_split, held_out = load_splits(cfg, tokenizer, verbose=runtime.is_main)
+        tokenizer, student, teacher, teacher_scores = load_models(cfg, train_split, held_out, tokenizer)
     student, teacher = runtime.prepare(student, teacher)
     device = next(student.parameters()).device
     eos_ids = stop_token_ids(tokenizer, student, teacher)

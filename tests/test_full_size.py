@@ -46,7 +46,8 @@ def test_prompt_only_training_data_trains(qwen3_folders, tmp_path):
     with open(tmp_path / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"question": q}) + "\n" for q in questions)
     args = qwen3_args(qwen3_folders, tmp_path / "run", f"--dataset={tmp_path / 'prompts.jsonl'}",
-                      f"--eval_dataset={qwen3_folders / 'gsm8k.jsonl'}", "--eval_split=train", "--max_prompt_tokens=150")
+                      f"--eval_dataset={qwen3_folders / 'gsm8k.jsonl'}", "--eval_split=train",
+                      "--max_prompt_tokens=150")
     result = subprocess.run([sys.executable, "train_small.py", *args], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

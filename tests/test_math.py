@@ -412,9 +412,10 @@ def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_he
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -8 * float(want.abs().max()))
     big = torch.randn(20000, 64).to(torch.bfloat16)  # the teacher's head: 5 MB as float32
+    student = torch.randn(1, 8, 16, requires_grad=True), torch.randn(20000, 16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trb.chunked_opd_loss(torch.randn(1, 8, 16, requires_grad=True), torch.randn(20000, 16, requires_grad=True),
-                             torch.randn(1, 8, 64).to(torch.bfloat16), big, torch.ones(1, 8, dtype=torch.bool)).backward()
+        trb.chunked_opd_loss(*student, torch.randn(1, 8, 64).to(torch.bfloat16), big,
+                             torch.ones(1, 8, dtype=torch.bool)).backward()
     largest = max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     assert largest < big.numel() * 4 / 2, largest
 

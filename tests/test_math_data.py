@@ -127,8 +127,8 @@ def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
     ({"eval_dataset": "MATH500", "eval_split": "train", "eval_question_field": "question"},
      "error: eval_dataset: no field 'question'"),
     ({"train_split": "nope"}, "error: train_split: split 'nope' not in"),
-    ({"dataset": "ONE_ROW"}, "error: dataset: too few rows to hold out"),  # one row cannot be split into training and held-out rows
-    ({"dataset": "PROMPTS_ONLY"}, "error: dataset: no field 'answer'"),  # the held-out rows come from it: answers
+    ({"dataset": "ONE_ROW"}, "error: dataset: too few rows to hold out"),  # none left to train on
+    ({"dataset": "PROMPTS_ONLY"}, "error: dataset: no field 'answer'"),  # its held-out rows need answers
 ])
 def test_data_errors_are_one_line_naming_the_key(datasets_on_disk, capsys, values, expected):
     files = {"MATH500": "math500.jsonl", "ONE_ROW": "one_row.jsonl", "PROMPTS_ONLY": "prompts_only.jsonl"}

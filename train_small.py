@@ -28,7 +28,7 @@ import shlex
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -176,6 +176,17 @@ def contiguous_head_input(model):
     model.get_output_embeddings().register_forward_pre_hook(
         lambda module, args: tuple(a.clone(memory_format=torch.contiguous_format) if torch.is_tensor(a) else a
                                    for a in args))
+
+
+MOMENT = "memory moment: "
+
+
+@contextmanager
+def moment(name):
+    """A torch.profiler range named after one of memory_plan's moments (memory_plan.measure reads the peak inside);
+    as a decorator, a new range per call."""
+    with torch.profiler.record_function(MOMENT + name):
+        yield
 
 
 def autocast(cfg):
@@ -372,7 +383,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     B, P = input_ids.shape
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
-    with autocast(cfg):
+    with autocast(cfg), moment("rollout peak"):
         rollout = rollouts(runtime.for_decoding(student), teacher if trb.behavior_needs_teacher(kwargs) else None,
                            input_ids, prompt_mask,
                            cfg.rollout_batch_size, runtime, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
@@ -388,7 +399,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     for start in range(0, B, micro):
         sequences, row_mask, completion_mask, p = trimmed(rollout, mask, slice(start, start + micro), P)
         runtime.sync_gradients(student, last=start + micro >= B)
-        with autocast(cfg):
+        with autocast(cfg), moment("loss forward"):
             with torch.no_grad(), runtime.gathered(teacher):
                 teacher_out = forward_completions(teacher, sequences, row_mask, p, V, cfg.chunked_loss)
                 teacher_head = runtime.head_weight(teacher, V) if cfg.chunked_loss else None
@@ -407,14 +418,16 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))
-        (loss * runtime.world).backward()
+        with moment("loss backward"):
+            (loss * runtime.world).backward()
         loss_sum += loss.item()
     # 4) AdamW step with grad-norm clipping, lr from the warmup schedule
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    optimizer.step()
+    with moment("optimizer step"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        optimizer.step()
     # Metrics: token means over the whole step (sums over ranks); NaN where the teacher did not run.
     names = ("beta", "realised_kl", "replaced_frac", "teacher_logprob", "teacher_entropy")
     n = stats["completion_tokens"]
@@ -433,6 +446,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
 
 
 @torch.no_grad()
+@moment("evaluation peak")
 def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     """
     Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, decoding
@@ -478,6 +492,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
 
 
 @torch.no_grad()
+@moment("evaluation peak")
 def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
     """
     Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a

@@ -141,7 +141,11 @@ class Config:
     train_split: str = key("split with the training prompts")
     eval_split: str = key("held-out split")
     question_field: str = key("dataset field with the problem")
-    answer_field: str = key("dataset field with the answer (\"#### n\", \\boxed{n} or the bare answer)")
+    answer_field: str = key("dataset field with the answer (\"#### n\", \\boxed{n} or the bare answer); read for "
+                            "held-out rows only, training needs none")
+    max_prompt_tokens: int = key("prompts longer than this (in tokens, as formatted: system prompt, chat template) are "
+                                 "dropped when the data is loaded, with a count; the memory plan's prompt length "
+                                 "(paper: 1024)", at_least(1))
     system_prompt: str = key("real data only (paper)")
     enable_thinking: bool = key("Qwen3 chat template's thinking mode (on by default in the template, so in the paper's "
                                 "verl runs); ignored without a chat template")

@@ -95,42 +95,44 @@ def run_args(models, out_dir):
             f"--eval_dataset={models / 'eval.jsonl'}", "--eval_split=train", "--max_steps=2", "--batch_size=4",
             "--max_new_tokens=1024", "--eval_size=8", "--eval_samples=2", "--eval_max_new_tokens=512",
             "--eval_every=0", "--checkpoint_every=0", "--shown_problems=1", "--overwrite=true",
+            "--max_prompt_tokens=256",  # the prompts here are about 150 tokens (one per character)
             f"--out_dir={out_dir}"]
 
 
 def measured_train(argv):
-    """Run in a child process: train_small.train on argv with the peak memory of each moment measured, printed as one
-    JSON line beside memory_plan.plan's totals for the same config (GiB)."""
+    """Run in a child process: train_small.train on argv with the peak GPU memory of each of memory_plan's moments
+    (torch.cuda.max_memory_allocated inside the ranges train_small marks with train_small.moment, and inside each
+    evaluation), printed as one JSON line beside memory_plan.plan's totals for the same config (GiB). The plan counts
+    a 2 GiB allowance for the CUDA context and NCCL that the allocator does not see."""
+    from contextlib import contextmanager
+
     import torch
     sys.path.insert(0, str(ROOT))
     import memory_plan
     import train_small
     from config import load_config
     cfg = load_config(argv)
-    peaks = {"rollout peak": 0.0, "training peak": 0.0, "evaluation peak": 0.0}
+    peaks = dict.fromkeys(memory_plan.MOMENTS, 0.0)
 
-    def measured(fn, moment):
-        def wrapper(*args, **kwargs):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            result = fn(*args, **kwargs)
-            torch.cuda.synchronize()
-            peaks[moment] = max(peaks[moment], torch.cuda.max_memory_allocated() / 2 ** 30)
-            torch.cuda.reset_peak_memory_stats()  # what follows in the step is the loss
-            return result
-        return wrapper
-
-    step = train_small.train_step
-
-    def train_step(*args, **kwargs):
-        torch.cuda.reset_peak_memory_stats()
-        row = step(*args, **kwargs)
+    @contextmanager
+    def measured(name):
         torch.cuda.synchronize()
-        peaks["training peak"] = max(peaks["training peak"], torch.cuda.max_memory_allocated() / 2 ** 30)
-        return row
-    train_small.rollouts = measured(train_small.rollouts, "rollout peak")
-    train_small.evaluate = measured(train_small.evaluate, "evaluation peak")
-    train_small.train_step = train_step
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()
+            peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2 ** 30)
+            peaks["at rest"] = max(peaks["at rest"], torch.cuda.memory_allocated() / 2 ** 30)
+
+    def evaluation(fn):
+        def wrapper(*args, **kwargs):
+            with measured("evaluation peak"):
+                return fn(*args, **kwargs)
+        return wrapper
+    train_small.moment = measured  # train_step's `with moment(...)` ranges look it up at each call
+    train_small.evaluate = evaluation(train_small.evaluate)
+    train_small.sample_completions = evaluation(train_small.sample_completions)
     started = time.time()
     history = train_small.train(cfg)
     planned = memory_plan.plan(cfg, world_size=1)["totals"]

@@ -1,8 +1,9 @@
 """
 Real math datasets for train_small.py and train_fsdp.py, and answer checking: a hub dataset, a save_to_disk folder or a
-.json/.jsonl file with a question and an answer field, for training and (optionally another one) for evaluation.
-Answers are the last \\boxed{...} or "#### n" of a completion; on real data they are compared with math-verify, the
-paper's checker (\\frac12 = 0.5 = \\dfrac{1}{2}), on the embedded synthetic task as exact strings.
+.json/.jsonl file, for training (a question field; OPD never reads an answer, so prompt-only data such as
+OpenThoughts3 trains as is) and, optionally from another one, for evaluation (a question and an answer field).
+Answers are the last complete \\boxed{...} or "#### n" of a completion; on real data they are compared with
+math-verify, the paper's checker (\\frac12 = 0.5 = \\dfrac{1}{2}), on the embedded synthetic task as exact strings.
 """
 import os
 import re
@@ -35,52 +36,61 @@ def _split(data, split, key, name):
     return data[split]
 
 
-def _question_answer(rows, question_field, answer_field, key, name):
-    """The rows with just "question" and "answer" columns, from the named fields."""
-    for field in (question_field, answer_field):
+def _fields(rows, fields, key, name):
+    """The rows with just the named fields, renamed: fields maps a dataset field to "question" or "answer"."""
+    for field in fields:
         if field not in rows.column_names:
             die(f"{key}: no field {field!r} in {name!r} (columns: {', '.join(rows.column_names)})")
-    rows = rows.select_columns([question_field, answer_field])
-    names = {k: v for k, v in {question_field: "question", answer_field: "answer"}.items() if k != v}
+    rows = rows.select_columns(list(fields))
+    names = {k: v for k, v in fields.items() if k != v}
     return rows.rename_columns(names) if names else rows
 
 
 def load_splits(cfg):
     """
-    (train, held-out) datasets.Dataset with "question" and "answer" fields. Held out: eval_size rows of eval_dataset's
-    eval_split if eval_dataset is set, else of the training dataset's eval_split (a dataset with a single split gives
-    eval_size of its rows, chosen with data_seed, and trains on the rest).
+    (train, held-out) datasets.Dataset: train with a "question" field only (training reads no answer), held-out with
+    "question" and "answer". Held out: eval_size rows of eval_dataset's eval_split if eval_dataset is set, else of the
+    training dataset's eval_split (a dataset with a single split gives eval_size of its rows, at most half, chosen with
+    data_seed, and trains on the rest: it needs at least 2 rows).
     """
     data = _load(cfg.dataset, cfg.dataset_config, "dataset")
     if cfg.eval_dataset:
         train = _split(data, cfg.train_split, "train_split", cfg.dataset)
-        held_out = _question_answer(
+        held_out = _fields(
             _split(_load(cfg.eval_dataset, cfg.eval_dataset_config, "eval_dataset"), cfg.eval_split, "eval_split",
                    cfg.eval_dataset),
-            cfg.eval_question_field or cfg.question_field, cfg.eval_answer_field or cfg.answer_field, "eval_dataset",
-            cfg.eval_dataset)
+            {cfg.eval_question_field or cfg.question_field: "question", cfg.eval_answer_field or cfg.answer_field:
+             "answer"}, "eval_dataset", cfg.eval_dataset)
     else:
         if cfg.eval_split not in data and len(data) == 1:  # a single split: hold out eval_size of its rows
             only = next(iter(data.values()))
+            if len(only) < 2:
+                die(f"dataset: too few rows to hold out eval_size of them: {cfg.dataset!r} has {len(only)} in its "
+                    f"only split (at least 2: one to train on), or set eval_dataset")
             parts = only.train_test_split(test_size=min(cfg.eval_size, len(only) // 2), seed=cfg.data_seed)
             data = {cfg.train_split: parts["train"], cfg.eval_split: parts["test"]}
         train = _split(data, cfg.train_split, "train_split", cfg.dataset)
-        held_out = _question_answer(_split(data, cfg.eval_split, "eval_split", cfg.dataset), cfg.question_field,
-                                    cfg.answer_field, "dataset", cfg.dataset)
-    train = _question_answer(train, cfg.question_field, cfg.answer_field, "dataset", cfg.dataset)
+        held_out = _fields(_split(data, cfg.eval_split, "eval_split", cfg.dataset),
+                           {cfg.question_field: "question", cfg.answer_field: "answer"}, "dataset", cfg.dataset)
+    train = _fields(train, {cfg.question_field: "question"}, "dataset", cfg.dataset)
     return train, held_out.select(range(min(cfg.eval_size, len(held_out))))
 
 
 def final_answer(text):
-    """The final answer of a solution as written: the content of the last \\boxed{...} (braces matched), else of the
-    last '#### ...' line, else None."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
+    """
+    The final answer of a solution as written: the content of the last complete \\boxed{...} (braces matched), else
+    of the last '#### ...' line, else None. A last \\boxed{ left open (a completion cut at max_new_tokens) falls back
+    to the complete one before it, as math-verify's own extraction, the paper's checker, reads such a text.
+    """
+    end = len(text)
+    while (start := text.rfind("\\boxed{", 0, end)) >= 0:
         depth, i = 1, start + len("\\boxed{")
         for j in range(i, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
                 return text[i:j]
+        end = start  # unclosed: look before it
+    if "\\boxed{" in text:
         return None
     found = re.findall(r"####\s*([^\n]*)", text)
     return found[-1] if found else None
@@ -104,10 +114,10 @@ def reference_answer(answer):
 
 def is_correct(completion, reference, exact):
     """
-    Whether a completion's final answer (its last \\boxed{} or '#### n'; none means wrong) equals the dataset answer
-    `reference` ('... #### n', a \\boxed{} solution, or the bare answer). exact: as normalised strings (the embedded
-    task). Otherwise with math-verify, as the paper checks: both parsed as LaTeX and compared symbolically, so \\frac12,
-    0.5 and \\dfrac{1}{2} agree, and \\text{5} equals 5. Anything math-verify cannot parse counts as wrong.
+    Whether a completion's final answer (its last complete \\boxed{} or '#### n'; none means wrong) equals the dataset
+    answer `reference` ('... #### n', a \\boxed{} solution, or the bare answer). exact: as normalised strings (the
+    embedded task). Otherwise with math-verify, as the paper checks: both parsed as LaTeX and compared symbolically, so
+    \\frac12, 0.5 and \\dfrac{1}{2} agree, and \\text{5} equals 5. Anything math-verify cannot parse counts as wrong.
     """
     if exact:
         return extract_answer(completion) == reference_answer(reference)

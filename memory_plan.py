@@ -2,26 +2,40 @@
 Memory per GPU of a training run, computed from the model configs (on the meta device: no weights, no GPU) for what
 train_small.py (world size 1) and train_fsdp.py (world size > 1) hold at each moment of a step:
 
-    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8 [--prompt_tokens=1024]
+    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8 [--max_prompt_tokens=N]
     python memory_plan.py --config=configs/gsm8k_1gpu.yaml                    # the same; world size 1
+    python memory_plan.py --measure --config=... [--key=value ...]            # also run it on CPU and measure
 
 Moments: at rest (between steps), the rollout peak (both models decoding rollout_batch_size rows in lockstep), the
-training peak (one micro-batch's loss forward and backward) and the evaluation peak (the student decoding
-eval_batch_size rows). Bytes are counted per term; the comments say what each term is. Not modelled: the caching
-allocator's fragmentation (budget ~10%), and activations of the teacher's forward (one layer at a time, no grad).
+loss forward and the loss backward (one micro-batch's, with all its activations), the optimizer step and the
+evaluation peak (the student decoding eval_batch_size rows). Prompts are max_prompt_tokens long (longer ones are
+dropped when the data is loaded). Bytes are counted per term, for bf16 compute (the GPU default); the comments say
+what each term is. Not modelled: the caching allocator's fragmentation (budget ~10%), the teacher's own greedy
+completions of the shown_problems (a few rows at step 0), and torch.compile's and CUDA graphs' own buffers. `measure`
+checks the plan against a real run on CPU (tests/test_memory_plan.py, README).
 """
 import os
 import sys
 
 import torch
 
+import trb
+import trb_fast
+
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
 CUDA_CONTEXT = 2 * GiB  # CUDA context, cuBLAS workspaces and NCCL buffers: a fixed allowance
-TOKEN_RULE_BUFFERS = 8  # float32 (rows, V) buffers alive in one token of blended decoding (logits, blend, solve)
-LOSS_CHUNK_BUFFERS = 4  # float32 (chunk, V) buffers of chunked_opd_loss (student logits, pi_S, log-ratio, gradient)
+# float32 (rows, V) buffers alive at once in one token of blended decoding: both models' logits, the Exp(1) noise, and
+# blend_logprobs' log pi_S, r, the blend and its fallback (measured: 10.7 at the peak, see README)
+TOKEN_RULE_BUFFERS = 12
+STUDENT_RULE_BUFFERS = 7  # the same with the student alone (evaluation): its logits, the noise, log pi_S (measured: 6)
+SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta keeps between calls (trb_fast.Workspace)
+# float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
+# gradient (measured: 4 in each, with two EOS ids)
+LOSS_CHUNK_BUFFERS = 4
+MOMENTS = ("at rest", "rollout peak", "loss forward", "loss backward", "optimizer step", "evaluation peak")
 
-QWEN3 = {  # (hidden, intermediate, layers, heads, kv heads, tied embeddings): ../shared/QWEN3_FACTS.md
+QWEN3 = {  # (hidden, intermediate, layers, heads, kv heads, tied embeddings): the published Qwen3 config.json values
     "0.6B": (1024, 3072, 28, 16, 8, True), "1.7B": (2048, 6144, 28, 16, 8, True),
     "4B": (2560, 9728, 36, 32, 8, True), "8B": (4096, 12288, 36, 32, 8, False)}
 
@@ -66,9 +80,12 @@ class Shape:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         self.params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+        self.largest_param = max(p.numel() for p in model.parameters())  # the embedding, for any vocabulary this size
         layer_params = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
-        self.root_params = self.params - sum(layer_params)  # embeddings, final norm, head: FSDP's root unit
+        self.decoder_params = sum(layer_params)
+        self.root_params = self.params - self.decoder_params  # embeddings, final norm, head: FSDP's root unit
         self.layer_params = max(layer_params)
+        self.head_params = config.vocab_size * config.hidden_size
         c = config
         self.layers, self.hidden, self.intermediate, self.vocab = (c.num_hidden_layers, c.hidden_size,
                                                                    c.intermediate_size, c.vocab_size)
@@ -76,16 +93,42 @@ class Shape:
         self.q_width, self.kv_width = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
         self.kv_per_token = c.num_hidden_layers * 2 * self.kv_width * BF16  # keys and values of every layer, bf16
 
-    def activations_per_token(self):
-        """Bytes one decoder layer saves for backward per token, bf16 unless noted: each RMSNorm its float32 input
-        and bf16 output (2 x 3H), q/k/v projections (q + 2 kv), the q/k norms' float32 inputs (2 (q + kv)), rotated
-        q and k (q + kv), attention output (q; SDPA keeps q, k, v, out and a per-row logsumexp), and the MLP's gate,
-        up, activation and product (4 I)."""
-        units = 6 * self.hidden + 5 * self.q_width + 5 * self.kv_width + 4 * self.intermediate
-        return units * BF16
+    def activations_per_token(self, fp32_residual, masked, keys):
+        """
+        Bytes one decoder layer saves for backward per token (counted on CPU with saved_tensors_hooks): the two
+        RMSNorms' float32 inputs and normalised outputs (16 H; with a float32 residual stream, i.e. a float32 student
+        under autocast, both float32 and autocast's five bf16 casts of them for the projections: 26 H), the q and k
+        norms' float32 inputs and bf16 q, k, v around them (10 q + 10 kv), the MLP's gate, up, activation and product
+        (8 I). With an explicit mask (masked: rows of different lengths) SDPA keeps keys and values repeated to every
+        query head (4 (q - kv) more) and its own bf16 copy of the mask, `keys` columns per token.
+        """
+        units = (26 if fp32_residual else 16) * self.hidden + 10 * self.q_width + 10 * self.kv_width
+        return units + 8 * self.intermediate + masked * (4 * (self.q_width - self.kv_width) + BF16 * keys)
+
+    def layer_transient(self, rows, queries, keys, masked):
+        """
+        Bytes of the largest transient of one decoder layer's forward, `queries` positions attending to `keys` (the
+        cache's length, or the sequence itself), bf16: the MLP's gate, up and product (3 I), or, where attention gets
+        an explicit mask and heads are grouped, keys and values repeated to every query head over all `keys` positions
+        (transformers' sdpa_attention_forward calls repeat_kv unless use_gqa_in_sdpa allows enable_gqa, i.e. unless the
+        mask is None; one query outside torch.compile is packed instead), plus the boolean mask and SDPA's bf16 copy.
+        """
+        mlp = rows * queries * 3 * self.intermediate * BF16
+        repeated = 2 * rows * keys * self.q_width * BF16 if masked and self.q_width > self.kv_width else 0
+        return max(mlp, repeated) + (rows * queries * keys * (1 + BF16) if masked else 0)  # SDPA casts it to bf16
 
 
-def plan(cfg, world_size=1, prompt_tokens=1024, gpu_gib=80, student=None, teacher=None):
+def decode_transient(model, rows, padded, prompt, length, static, compiled):
+    """One model's largest transient in a decode call: its prefill's layer_transient (a static cache's mask covers the
+    whole cache, so it is explicit; a dynamic one's only with left padding, i.e. with several rows), or a compiled
+    step's, which attends from one query to the whole static cache with an explicit mask (and is not packed)."""
+    prefill = model.layer_transient(padded if compiled else rows, prompt, length if static else prompt,
+                                    masked=static or rows > 1)
+    step = model.layer_transient(padded, 1, length, masked=True) if compiled else 0
+    return max(prefill, step)
+
+
+def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     """
     Bytes per GPU, per moment and term: {"moments": {moment: {term: bytes}}, "totals": {moment: bytes}, ...}.
     world_size 1 is train_small.py (float32 student, a bf16 copy for decoding); > 1 is train_fsdp.py (student
@@ -96,11 +139,19 @@ def plan(cfg, world_size=1, prompt_tokens=1024, gpu_gib=80, student=None, teache
     fsdp = world_size > 1
     shard = (cfg.hsdp_shard_size or world_size) if fsdp else 1  # ranks a parameter is split over
     rows = cfg.batch_size * cfg.rollouts_per_prompt // world_size  # this rank's rows per step
-    roll_rows, micro_rows = cfg.rollout_batch_size or rows, cfg.micro_batch_size or rows
-    eval_rows = cfg.eval_batch_size
-    T_roll, T_eval = prompt_tokens + cfg.max_new_tokens, prompt_tokens + cfg.eval_max_new_tokens
+    roll_rows, micro_rows = min(cfg.rollout_batch_size or rows, rows), min(cfg.micro_batch_size or rows, rows)
+    eval_rows = max(cfg.eval_batch_size, cfg.eval_samples)  # evaluate: n x (eval_batch_size // n) rows, at least n
+    static, compiled = cfg.cache == "static", cfg.compile
+    pad = trb_fast.padded_rows if compiled else (lambda r: r)  # compiled calls decode a power of two of rows
+    P = cfg.max_prompt_tokens
+    # positions per cache row
+    length = (lambda n: trb_fast.static_cache_length(P, n)) if static else (lambda n: P + n)
+    L_roll, L_eval = length(cfg.max_new_tokens), length(cfg.eval_max_new_tokens)
     teacher_sharded = fsdp and cfg.teacher_sharding == "shard"
     Ns, Nt, V = student.params, teacher.params, student.vocab
+    # compile: each model keeps its last static cache (trb_fast.DecodeState) through the loss and evaluation
+    kept = {"student": max(pad(roll_rows) * L_roll, pad(eval_rows) * L_eval) * student.kv_per_token,
+            "teacher": pad(roll_rows) * L_roll * teacher.kv_per_token} if compiled else {"student": 0, "teacher": 0}
 
     rest = {
         "student weights (fp32 master)": FP32 * Ns / shard,
@@ -109,57 +160,152 @@ def plan(cfg, world_size=1, prompt_tokens=1024, gpu_gib=80, student=None, teache
         "student bf16 copy for decoding": 0 if fsdp else BF16 * Ns,
         "teacher weights (bf16)": BF16 * Nt / (shard if teacher_sharded else 1),
         "CUDA context, NCCL (allowance)": CUDA_CONTEXT,
+        "solver workspace (fp32 rows x V, kept)": SOLVER_BUFFERS * pad(roll_rows) * V * FP32,
+        "static KV caches kept (compile)": kept["student"] + kept["teacher"],
     }
-    kv_row = T_roll * (student.kv_per_token + teacher.kv_per_token)  # one row, both models, prompt + completion
     rollout = {
         "student gathered (bf16)": BF16 * Ns if fsdp else 0,
         "teacher gathered (bf16)": BF16 * Nt * (1 - 1 / shard) if teacher_sharded else 0,
-        "KV caches (bf16)": roll_rows * kv_row,
+        "KV caches (bf16)": 0 if compiled else roll_rows * L_roll * (student.kv_per_token + teacher.kv_per_token),
         # DynamicCache grows by torch.cat: one layer's old and new tensors coexist for a moment
-        "KV cache growth (one layer copied)": roll_rows * T_roll * max(student.kv_per_token / student.layers,
-                                                                       teacher.kv_per_token / teacher.layers),
-        "token rule (fp32 rows x V)": TOKEN_RULE_BUFFERS * roll_rows * V * FP32,
-        # prefill: one layer's MLP intermediates over every prompt token, the widest model's
-        "prefill transient (one layer)": roll_rows * prompt_tokens * 3 * max(student.intermediate,
-                                                                             teacher.intermediate) * BF16,
+        "KV cache growth (one layer copied)": 0 if static else roll_rows * L_roll * max(
+            student.kv_per_token / student.layers, teacher.kv_per_token / teacher.layers),
+        "token rule (fp32 rows x V)": TOKEN_RULE_BUFFERS * pad(roll_rows) * V * FP32,
+        "prefill or step transient (one layer)": max(
+            decode_transient(m, roll_rows, pad(roll_rows), P, L_roll, static, compiled) for m in (student, teacher)),
     }
-    tokens = micro_rows * T_roll  # a micro-batch at full width (trimming only helps)
-    per_layer = student.activations_per_token() * tokens
-    if cfg.activation_checkpointing:  # each layer's input kept, one layer's activations rebuilt at a time
-        activations = student.layers * tokens * student.hidden * BF16 + per_layer
+    T = P + cfg.max_new_tokens  # a micro-batch's row at full width (trimming only helps)
+    tokens = micro_rows * T
+    masked = micro_rows > 1  # one row is trimmed to its own tokens: no padding, no mask, no repeat_kv
+    final_norm = tokens * 8 * student.hidden  # the final RMSNorm's float32 input and output
+    per_layer = student.activations_per_token(not fsdp, masked, T) * tokens
+    if cfg.activation_checkpointing:  # each layer's input (and the boolean mask) kept; backward rebuilds one layer
+        inputs = student.layers * tokens * student.hidden * (BF16 if fsdp else FP32) + masked * tokens * T + final_norm
+        activations = {"loss forward": inputs, "loss backward": inputs + per_layer}
     else:
-        activations = student.layers * per_layer
+        activations = dict.fromkeys(("loss forward", "loss backward"), student.layers * per_layer + final_norm)
+    completions = micro_rows * cfg.max_new_tokens  # the positions the loss reads
     if cfg.chunked_loss:
-        teacher_out = tokens * teacher.hidden * BF16  # final hidden state only
-        loss = (LOSS_CHUNK_BUFFERS * min(cfg.loss_chunk_size, tokens) * V * FP32
-                + tokens * student.hidden * FP32)  # plus the student's gathered hidden states
+        # the teacher's final hidden state (all positions: the loss's completion positions are a view of it), and
+        # its completion rows gathered
+        teacher_out = (tokens + completions) * teacher.hidden * BF16
+        chunk = min(cfg.loss_chunk_size, completions)
+        loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
+                + (chunk + trb.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # trb._head's blocks
         if teacher_sharded:
             loss += BF16 * V * teacher.hidden  # the gathered teacher head, copied for the loss's backward
+        # the student head's gradient in its weight's dtype: the chunks' sum and the newest chunk's (a tied head's
+        # waits for the embedding's, which then joins it), next to one chunk's buffers; the others are freed by then
+        head_gradient = max(0, 2 * V * student.hidden * (BF16 if fsdp else FP32) + chunk * V * FP32 - loss)
     else:
         teacher_out = tokens * V * (BF16 + FP32)  # logits and their float32 log-softmax
         loss = tokens * V * (BF16 + 3 * FP32)  # student logits, float32 log-softmax, probabilities, gradient
-    training = {
+        head_gradient = 0  # inside the student's gradients: no chunks to sum
+    both = {
         # FSDP: the root unit stays gathered, decoder layers gathered one (plus one prefetched) at a time; gradients
         # accumulate unsharded in fp32 until the last micro-batch's reduce-scatter
         "student gathered (bf16)": BF16 * (student.root_params + 2 * student.layer_params) if fsdp else 0,
         "unsharded fp32 gradients": FP32 * Ns if fsdp else 0,
-        "activations (student)": activations,
+        "forward transient (one layer)": max(m.layer_transient(micro_rows, T, T, masked) for m in (student, teacher)),
         "teacher output kept for the loss": teacher_out,
         "loss buffers": loss,
     }
+    # one device: autocast casts the float32 student's linear layers to bf16 and caches the casts until the loss is
+    # computed; the backward keeps those the graph saved: the decoder layers' unless checkpointed (the head's cast
+    # dies with the one position of logits nothing reads)
+    casts = 0 if fsdp else BF16 * (student.decoder_params + student.head_params)
+    saved_casts = 0 if fsdp or cfg.activation_checkpointing else BF16 * student.decoder_params
+    loss_forward = {**both, "activations (student)": activations["loss forward"],
+                    "student weights cast by autocast (bf16)": casts}
+    loss_backward = {**both, "activations (student)": activations["loss backward"],
+                     "student weights cast by autocast (bf16)": saved_casts,
+                     "student head gradient beyond the loss buffers": head_gradient}
+    # AdamW on a GPU (foreach): one float32 temporary the size of the parameters; one parameter at a time elsewhere,
+    # two temporaries the size of the largest (the embedding)
+    optimizer = {"AdamW step temporaries (fp32)": FP32 * max(Ns, 2 * student.largest_param) / shard,
+                 # train_step still holds the last micro-batch's hidden states (or logits, and their EOS-merged copies)
+                 "last micro-batch's outputs": tokens * (student.hidden * FP32 + teacher.hidden * BF16
+                                                         if cfg.chunked_loss else V * (BF16 + BF16))}
     evaluation = {
         "student gathered (bf16)": BF16 * Ns if fsdp else 0,
-        "KV cache (bf16)": eval_rows * T_eval * student.kv_per_token,
-        "KV cache growth (one layer copied)": eval_rows * T_eval * student.kv_per_token / student.layers,
-        "token rule (fp32 rows x V)": TOKEN_RULE_BUFFERS * eval_rows * V * FP32,
-        "prefill transient (one layer)": eval_rows * prompt_tokens * 3 * student.intermediate * BF16,
+        "KV cache (bf16)": 0 if compiled else eval_rows * L_eval * student.kv_per_token,
+        "KV cache growth (one layer copied)": 0 if static else eval_rows * L_eval * student.kv_per_token
+        / student.layers,
+        "token rule (fp32 rows x V)": STUDENT_RULE_BUFFERS * pad(eval_rows) * V * FP32,
+        "prefill or step transient (one layer)": decode_transient(student, eval_rows, pad(eval_rows), P, L_eval,
+                                                                  static, compiled),
     }
-    moments = {"at rest": rest, "rollout peak": {**rest, **rollout}, "training peak": {**rest, **training},
-               "evaluation peak": {**rest, **evaluation}}
+    moments = dict(zip(MOMENTS, ({**rest, **extra} for extra in ({}, rollout, loss_forward, loss_backward, optimizer,
+                                                                 evaluation))))
     return {"moments": moments, "totals": {m: sum(terms.values()) for m, terms in moments.items()},
             "world_size": world_size, "gpu_gib": gpu_gib, "student_params": Ns, "teacher_params": Nt,
             "rows": {"rollout": roll_rows, "micro": micro_rows, "eval": eval_rows},
-            "tokens": {"rollout": T_roll, "eval": T_eval}}
+            "tokens": {"prompt": P, "rollout": L_roll, "eval": L_eval}}
+
+
+def measure(cfg):
+    """
+    Peak bytes per moment of a real train_small.train(cfg) on CPU, measured: torch.profiler's memory events (every
+    allocation and free of the CPU allocator, in time order) summed into the bytes allocated at each instant, whose
+    maximum is read inside the ranges train_small marks with the moments' names (train_small.moment). The live
+    tensors are counted after each optimizer step; their difference to the running sum at that instant (tensors the
+    profiler never saw allocated, such as weights from_pretrained converts to another dtype) is added to every
+    moment. At rest is the sum when a later step's rollout begins.
+    """
+    import gc
+    import warnings
+
+    import train_small
+    from config import die
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, record_function
+    if train_small.device_and_dtype(cfg)[0].type != "cpu":
+        die("measure: CPU only (on a GPU, read torch.cuda.max_memory_allocated in each moment instead)")
+    live = []
+
+    def count_live(*_):
+        gc.collect()
+        storages = {}
+        with warnings.catch_warnings(), record_function("census"):  # isinstance on some objects warns
+            warnings.simplefilter("ignore")
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    try:
+                        storage = obj.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+                    except RuntimeError:  # a fake tensor that an earlier torch.compile trace left: holds no memory
+                        continue
+        live.append(sum(storages.values()))
+
+    handle = register_optimizer_step_post_hook(count_live)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_small.train(cfg)
+    finally:
+        handle.remove()
+    events = prof.profiler.kineto_results.events()
+    allocated, times, total = [], [], 0
+    for time, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        total += nbytes
+        times.append(time)
+        allocated.append(total)
+    import bisect
+    at = lambda t: allocated[bisect.bisect_right(times, t) - 1] if times and times[0] <= t else 0
+    censuses = sorted(e.start_ns() for e in events if e.name() == "census")
+    if not censuses:
+        die("measure: no optimizer step ran (max_steps: at least 1)")
+    offset = live[-1] - at(censuses[-1])
+    # at rest: when a later step's rollout begins (the census itself runs inside train_step, whose last micro-batch
+    # is still referenced)
+    rollouts = [e.start_ns() for e in events if e.name() == train_small.MOMENT + "rollout peak"]
+    peaks = {"at rest": max([at(t) + offset for t in rollouts if t > censuses[0]] or live)}
+    for e in events:
+        name = e.name().removeprefix(train_small.MOMENT)
+        if name != e.name():
+            first, last = bisect.bisect_left(times, e.start_ns()), bisect.bisect_right(times, e.end_ns())
+            peak = max([at(e.start_ns())] + allocated[first:last]) + offset
+            peaks[name] = max(peaks.get(name, 0), peak)
+    return {m: peaks[m] for m in MOMENTS if m in peaks}
 
 
 def format_plan(result, title=""):
@@ -182,14 +328,29 @@ def format_plan(result, title=""):
     return "\n".join(lines)
 
 
+def format_comparison(planned, measured):
+    """The plan (without the CUDA allowance, which a CPU does not need) against a measured run, in MiB, per moment:
+    totals, and what each moment adds to the state at rest."""
+    MiB, context = 1024 ** 2, planned["moments"]["at rest"]["CUDA context, NCCL (allowance)"]
+    plan_total = {m: planned["totals"][m] - context for m in measured}
+    lines = [f"{'MiB':<16}{'measured':>10}{'plan':>10}{'plan/measured':>15}{'above rest: measured':>22}{'plan':>8}"
+             f"{'plan/measured':>15}"]
+    for m, value in measured.items():
+        above = value - measured["at rest"], plan_total[m] - plan_total["at rest"]
+        ratio = f"{above[1] / above[0]:>15.2f}" if above[0] > 0 else f"{'':>15}"
+        lines.append(f"{m:<16}{value / MiB:>10.1f}{plan_total[m] / MiB:>10.1f}{plan_total[m] / value:>15.2f}"
+                     f"{above[0] / MiB:>22.1f}{above[1] / MiB:>8.1f}{ratio}")
+    return "\n".join(lines)
+
+
 def main(argv):
-    """--plan [--world_size=N] [--prompt_tokens=N] [--gpu_gib=N] and the usual --config/--key=value arguments."""
+    """--plan [--world_size=N] [--gpu_gib=N] [--measure] and the usual --config/--key=value arguments."""
     from config import die, load_config
-    options = {"world_size": 1, "prompt_tokens": 1024, "gpu_gib": 80}
+    options = {"world_size": 1, "gpu_gib": 80}
     rest = []
     for arg in argv:
         name, _, value = arg[2:].partition("=")
-        if arg == "--plan":
+        if arg in ("--plan", "--measure"):
             continue
         if arg.startswith("--") and name in options:
             if not value.isdigit() or int(value) < 1:
@@ -201,17 +362,26 @@ def main(argv):
     world = options["world_size"]
     if cfg.batch_size * cfg.rollouts_per_prompt % world:
         die(f"world_size: {world} does not divide the {cfg.batch_size * cfg.rollouts_per_prompt} rows of a step")
+    if "--measure" in argv and world > 1:
+        die("world_size: --measure runs train_small.py, world size 1")
     sources = {key: model_config(getattr(cfg, key), cfg, key) for key in ("student", "teacher")}
-    result = plan(cfg, world, options["prompt_tokens"], options["gpu_gib"],
-                  *(Shape(config) for config, _ in sources.values()))
+    result = plan(cfg, world, options["gpu_gib"], *(Shape(config) for config, _ in sources.values()))
     script = "train_fsdp.py" if world > 1 else "train_small.py"
     print(f"{script}, world size {world}: student {cfg.student} ({result['student_params'] / 1e9:.2f}B params, "
           f"{sources['student'][1]}), teacher {cfg.teacher} ({result['teacher_params'] / 1e9:.2f}B, "
           f"{sources['teacher'][1]})")
+    tokens = result["tokens"]
     print(f"rows per rank: {result['rows']['rollout']} per decode call, {result['rows']['micro']} per loss "
-          f"micro-batch, {result['rows']['eval']} per evaluation call; tokens per row: {options['prompt_tokens']} "
-          f"prompt + {cfg.max_new_tokens} new (evaluation: + {cfg.eval_max_new_tokens})")
+          f"micro-batch, {result['rows']['eval']} per evaluation call; tokens per row: {tokens['prompt']} prompt "
+          f"(max_prompt_tokens) + {cfg.max_new_tokens} new (evaluation: + {cfg.eval_max_new_tokens}); "
+          f"{cfg.cache} KV caches of {tokens['rollout']} (evaluation: {tokens['eval']}) positions"
+          + (", kept between calls (compile)" if cfg.compile else ""))
     print(format_plan(result))
+    if "--measure" in argv:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        print(f"\nmeasured on CPU ({torch.get_num_threads()} threads), train_small.train for {cfg.max_steps} steps:")
+        print(format_comparison(result, measure(cfg)))
     return result
 
 

@@ -29,7 +29,7 @@ import shlex
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -45,9 +45,33 @@ from config import die, load_config
 # Data: the embedded synthetic task or a real dataset, answer checking, prompts.
 
 
-def load_splits(cfg):
-    """(train, held-out) datasets with "question" and "answer" fields: the embedded task's, or a real dataset's."""
-    return synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else math_data.load_splits(cfg)
+def load_splits(cfg, tokenizer=None, verbose=True):
+    """
+    (train, held-out) datasets, the embedded task's or a real dataset's: "question" (and, held out, "answer") fields.
+    Rows whose prompt (format_prompt, tokenized as encode_prompts does) is longer than max_prompt_tokens are dropped,
+    with a printed count (verbose): one long prompt would widen every row of its decode call, past the memory plan.
+    """
+    train, held_out = synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else math_data.load_splits(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    held_out_key = "eval_dataset" if cfg.eval_dataset else "dataset"
+    return (drop_long_prompts(train, tokenizer, cfg, "dataset", "training", verbose),
+            drop_long_prompts(held_out, tokenizer, cfg, held_out_key, "held-out", verbose))
+
+
+def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
+    """The rows whose formatted prompt has at most max_prompt_tokens tokens; stops with one line if none has."""
+    prompts = [format_prompt(q, tokenizer, cfg) for q in rows["question"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
+    if not keep:
+        die(f"max_prompt_tokens: all {len(rows)} {what} prompts of {key} {getattr(cfg, key)!r} are longer than "
+            f"{cfg.max_prompt_tokens} tokens (the shortest has {min(lengths, default=0)})")
+    if len(keep) < len(rows):
+        if verbose:
+            print(f"{key}: dropped {len(rows) - len(keep)} of {len(rows)} {what} prompts over max_prompt_tokens="
+                  f"{cfg.max_prompt_tokens} (the longest has {max(lengths)} tokens)")
+        rows = rows.select(keep)
+    return rows
 
 
 def format_prompt(question, tokenizer, cfg):
@@ -101,32 +125,41 @@ def load_pretrained(key, name, cfg, dtype):
         die(f"{key}: cannot load {name!r}: {str(error).splitlines()[0]}")
 
 
-def load_models(cfg, train, held_out):
+def load_tokenizer(cfg):
+    """The student's tokenizer (the embedded task's character tokenizer), left-padded, checked against the teacher's."""
+    if cfg.student == "synthetic":
+        return synthetic_task.char_tokenizer()
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.student),
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        die(f"student: cannot load a tokenizer from {cfg.student!r}: {str(error).splitlines()[0]}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        trb.check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher),
+                                                                      trust_remote_code=cfg.trust_remote_code))
+    except (OSError, ValueError) as error:
+        die(f"teacher: {str(error).splitlines()[0]}")
+    return tokenizer
+
+
+def load_models(cfg, train, held_out, tokenizer=None):
     """(tokenizer, student, teacher, teacher_scores). Teacher frozen: eval mode, no grad."""
     device, dtype = device_and_dtype(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.student == "synthetic":
-        tokenizer = synthetic_task.char_tokenizer()
         score = lambda model: evaluate(model, tokenizer, held_out, cfg, seed=cfg.data_seed)
         teacher, teacher_scores = synthetic_task.teacher(cfg, tokenizer, train, score)
         student = synthetic_task.student(cfg, tokenizer, train)
     else:
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.student),
-                                                      trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as error:
-            die(f"student: cannot load a tokenizer from {cfg.student!r}: {str(error).splitlines()[0]}")
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        try:
-            trb.check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher),
-                                                                          trust_remote_code=cfg.trust_remote_code))
-        except (OSError, ValueError) as error:
-            die(f"teacher: {str(error).splitlines()[0]}")
         student = load_pretrained("student", cfg.student, cfg, torch.float32)
         teacher, teacher_scores = load_pretrained("teacher", cfg.teacher, cfg, dtype), None
     teacher.requires_grad_(False)
+    for model in (student, teacher):
+        contiguous_head_input(model)
     if cfg.activation_checkpointing:  # per decoder layer; active in train mode only, i.e. in the loss forwards
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # float32 master weights for the student: AdamW steps of lr 1e-5 vanish in bf16 rounding; compute runs in `dtype`
@@ -146,6 +179,30 @@ def to_compute_dtype(model, dtype):
     for module, name, buffer in rotary:
         module._buffers[name] = buffer.to(torch.float32)  # the float32 values as they were, not rounded and back
     return model
+
+
+def contiguous_head_input(model):
+    """
+    Gives the output head's input standard strides. With logits_to_keep=1 (every prefill, the loss's hidden-state
+    forwards) the head gets the last position of a (B, T, H) hidden state, a strided view; torch.matmul cannot fold
+    that into one matrix product (even for B = 1, which is_contiguous() accepts) and multiplies per row by a (B, H, V)
+    copy of the head instead (18.5 GiB for the 8B teacher's prefill of 16 rows), unless the head's weight needs a
+    gradient. Copying the (B, 1, H) input costs B x H.
+    """
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: tuple(a.clone(memory_format=torch.contiguous_format) if torch.is_tensor(a) else a
+                                   for a in args))
+
+
+MOMENT = "memory moment: "
+
+
+@contextmanager
+def moment(name):
+    """A torch.profiler range named after one of memory_plan's moments (memory_plan.measure reads the peak inside);
+    as a decorator, a new range per call."""
+    with torch.profiler.record_function(MOMENT + name):
+        yield
 
 
 def autocast(cfg):
@@ -355,7 +412,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     B, P = input_ids.shape
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
-    with autocast(cfg):
+    with autocast(cfg), moment("rollout peak"):
         rollout = rollouts(runtime.for_decoding(student), teacher if trb.behavior_needs_teacher(kwargs) else None,
                            input_ids, prompt_mask,
                            cfg.rollout_batch_size, runtime, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
@@ -371,7 +428,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     for start in range(0, B, micro):
         sequences, row_mask, completion_mask, p = trimmed(rollout, mask, slice(start, start + micro), P)
         runtime.sync_gradients(student, last=start + micro >= B)
-        with autocast(cfg):
+        with autocast(cfg), moment("loss forward"):
             with torch.no_grad(), runtime.gathered(teacher):
                 teacher_out = forward_completions(teacher, sequences, row_mask, p, V, cfg.chunked_loss)
                 teacher_head = runtime.head_weight(teacher, V) if cfg.chunked_loss else None
@@ -390,14 +447,16 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))
-        (loss * runtime.world).backward()
+        with moment("loss backward"):
+            (loss * runtime.world).backward()
         loss_sum += loss.item()
     # 4) AdamW step with grad-norm clipping, lr from the warmup schedule
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    optimizer.step()
+    with moment("optimizer step"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        optimizer.step()
     # Metrics: token means over the whole step (sums over ranks); NaN where the teacher did not run.
     names = ("beta", "realised_kl", "replaced_frac", "teacher_logprob", "teacher_entropy")
     n = stats["completion_tokens"]
@@ -416,6 +475,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
 
 
 @torch.no_grad()
+@moment("evaluation peak")
 def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     """
     Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, decoding
@@ -461,6 +521,7 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
 
 
 @torch.no_grad()
+@moment("evaluation peak")
 def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
     """
     Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a
@@ -558,8 +619,9 @@ def train(cfg, runtime=None):
     # FSDP, embedded task: rank 0 trains and caches the synthetic models, the others then load them. Real models:
     # every rank loads at once (the hub's file locks make one of them download), so no rank waits in a collective.
     with runtime.main_first() if cfg.student == "synthetic" else nullcontext():
-        train_split, held_out = load_splits(cfg)
-        tokenizer, student, teacher, teacher_scores = load_models(cfg, train_split, held_out)
+        tokenizer = load_tokenizer(cfg)
+        train_split, held_out = load_splits(cfg, tokenizer, verbose=runtime.is_main)
+        tokenizer, student, teacher, teacher_scores = load_models(cfg, train_split, held_out, tokenizer)
     student, teacher = runtime.prepare(student, teacher)
     device = next(student.parameters()).device
     eos_ids = stop_token_ids(tokenizer, student, teacher)

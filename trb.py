@@ -210,12 +210,62 @@ class _ReverseKLFromHidden(torch.autograd.Function):
         return grad.to(ctx.student_dtype), None, None, None
 
 
+HEAD_BLOCK_ROWS = 4096  # rows of a bf16 head cast to float32 at a time by _head (64 MiB of a 4096-wide head)
+
+
+class _Head(torch.autograd.Function):
+    """
+    hidden (n, H) @ weight (V, H).T in `dtype`, the weight's gradient written into one contiguous (V, H) tensor of the
+    weight's own dtype, which autograd then sums over the chunks in place: two heads' worth at most (autograd's own
+    matmul gradient, a transposed view, is summed out of place: three). A weight stored narrower than `dtype` (bf16)
+    is cast HEAD_BLOCK_ROWS rows at a time, so no (V, H) float32 copy of it is ever held (2.3 GiB for the 8B
+    teacher's head, per chunk), and its gradient is rounded to bf16 block by block, as autograd's cast would round it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, dtype):
+        ctx.save_for_backward(hidden, weight)
+        ctx.dtype = dtype
+        h = hidden.to(dtype)
+        logits = h.new_empty(h.shape[0], weight.shape[0])  # (n, V)
+        for rows in _head_blocks(weight, dtype):
+            torch.mm(h, weight[rows].to(dtype).T, out=logits[:, rows])
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        dtype, blocks = ctx.dtype, _head_blocks(weight, ctx.dtype)
+        h, grad_hidden, grad_weight = hidden.to(dtype), None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = torch.zeros_like(h)  # (n, H), summed over the blocks in `dtype`
+                for rows in blocks:
+                    grad_hidden.addmm_(grad[:, rows], weight[rows].to(dtype))
+                grad_hidden = grad_hidden.to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.empty_like(weight)  # (V, H)
+                for rows in blocks:
+                    if weight.dtype == dtype:
+                        torch.mm(grad[:, rows].T, h, out=grad_weight[rows])
+                    else:
+                        grad_weight[rows] = grad[:, rows].T @ h  # (block, H), rounded to the weight's dtype
+        return grad_hidden, grad_weight, None
+
+
+def _head_blocks(weight, dtype):
+    """Row blocks of a head weight cast to dtype one at a time: all rows at once when it needs no cast."""
+    step = weight.shape[0] if weight.dtype == dtype else HEAD_BLOCK_ROWS
+    return [slice(i, i + step) for i in range(0, weight.shape[0], step)]
+
+
 def _head(hidden, head_weight):
     """Logits (n, V) = hidden (n, H) @ head_weight (V, H).T in float32 (or float64) even under autocast: a bf16 matmul
-    rounds its output, i.e. logits of magnitude ~30 by ~0.1."""
+    rounds its output, i.e. logits of magnitude ~30 by ~0.1. A bf16 weight is cast a block of rows at a time, never
+    whole (_Head)."""
     dtype = torch.promote_types(_compute_dtype(hidden), _compute_dtype(head_weight))
     with torch.autocast(hidden.device.type, enabled=False):
-        return hidden.to(dtype) @ head_weight.to(dtype).T
+        return _Head.apply(hidden, head_weight, dtype)
 
 
 def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk, eos_ids):

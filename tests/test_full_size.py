@@ -4,6 +4,7 @@ The full-size path on CPU: Qwen3's vocabulary and stop ids (a 151,669-entry toke
 checkpointing keep in memory. tests/test_fsdp.py covers the same under torchrun.
 """
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,51 @@ def test_export_keeps_every_stop_id_at_qwen3_sizes(qwen3_folders, tmp_path):
     assert exported.eos_token_id == [BASE_EOS, CHAT_EOS] and exported.pad_token_id == BASE_EOS
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     assert student.config.vocab_size == 151936
+
+
+def test_prompt_only_training_data_trains(qwen3_folders, tmp_path):
+    """A training .jsonl with a question field only (OpenThoughts3 has no answers) trains, with eval_dataset supplying
+    the held-out answers; its prompts over max_prompt_tokens are dropped with a printed count."""
+    questions = [f"What is {i}+{i}?" + " Think hard." * (20 if i % 3 == 0 else 0) for i in range(6)]
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": q}) + "\n" for q in questions)
+    args = qwen3_args(qwen3_folders, tmp_path / "run", f"--dataset={tmp_path / 'prompts.jsonl'}",
+                      f"--eval_dataset={qwen3_folders / 'gsm8k.jsonl'}", "--eval_split=train",
+                      "--max_prompt_tokens=150")
+    result = subprocess.run([sys.executable, "train_small.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dataset: dropped 2 of 6 training prompts over max_prompt_tokens=150" in result.stdout
+
+
+def test_prompts_over_max_prompt_tokens_are_dropped_with_a_count(qwen3_folders, tmp_path, capsys):
+    """Exactly the rows whose formatted prompt (system prompt and chat template included) is over max_prompt_tokens are
+    dropped, from the training and the held-out set, with a printed count; if none is left, one line naming the key."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_folders / "student")
+    rows = [{"question": f"q{i} " + "long " * (30 * (i % 2)), "answer": str(i)} for i in range(10)]
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    cfg = real_config(qwen3_folders, f"--dataset={tmp_path / 'data.jsonl'}", "--eval_size=4")
+    lengths = {r["question"]: len(tokenizer(train_small.format_prompt(r["question"], tokenizer, cfg))["input_ids"])
+               for r in rows}
+    limit = max(n for q, n in lengths.items() if "long" not in q)
+    assert limit < min(n for q, n in lengths.items() if "long" in q)
+    cfg = dataclasses.replace(cfg, max_prompt_tokens=limit)
+    full_train, full_held_out = __import__("math_data").load_splits(cfg)
+    train, held_out = train_small.load_splits(cfg, tokenizer)
+    expected = lambda part: [q for q in part["question"] if lengths[q] <= limit]
+    assert list(train["question"]) == expected(full_train) and list(held_out["question"]) == expected(full_held_out)
+    assert 0 < len(held_out) < len(full_held_out) and list(held_out["answer"]) == [
+        a for q, a in zip(full_held_out["question"], full_held_out["answer"]) if lengths[q] <= limit]
+    dropped = lambda part, what: (f"dataset: dropped {len(part) - len(expected(part))} of {len(part)} {what} prompts "
+                                  f"over max_prompt_tokens={limit}")
+    out = capsys.readouterr().out
+    assert dropped(full_train, "training") in out and dropped(full_held_out, "held-out") in out
+    with pytest.raises(SystemExit):
+        train_small.load_splits(dataclasses.replace(cfg, max_prompt_tokens=3), tokenizer)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: max_prompt_tokens: all "), err
 
 
 def test_stop_ids_put_the_students_eos_first():
@@ -197,6 +243,32 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
     assert (forwards[False], forwards[True]) == (1, 2)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def largest_allocation(run):
+    """The largest single CPU allocation while run() runs (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
+    """The models load_models returns hand their heads a contiguous input: a prefill of 3 rows and the loss's hidden-
+    state forward of 1 row (logits_to_keep=1, the last position of a strided hidden state) allocate less than the
+    (V, H) head, where torch.matmul would multiply by a copy of it per row."""
+    cfg = real_config(qwen3_folders, "--dtype=bfloat16")
+    _, _, teacher, _ = train_small.load_models(cfg, None, None)
+    head = teacher.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and head.shape == (151936, 32)
+    ids = torch.randint(0, 1000, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        prefill = largest_allocation(lambda: trb.blended_generate(teacher, None, ids, mask, eps=0.0, max_new_tokens=2,
+                                                                  temperature=0.0))
+        loss_forward = largest_allocation(lambda: train_small.forward_completions(teacher, ids[:1], mask[:1], 5, 151669,
+                                                                                  hidden=True))
+    assert max(prefill, loss_forward) < head.nbytes, (prefill, loss_forward, head.nbytes)
 
 
 def test_activation_checkpointing_key_reaches_the_student(qwen3_folders):

@@ -391,6 +391,35 @@ def test_chunked_loss_computes_logits_in_float32_under_autocast():
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_head(monkeypatch):
+    """bf16 heads (FSDP's mixed-precision student, any teacher): the loss and its gradients equal opd_loss on logits
+    from the heads cast to float32 (gradients to within one bf16 rounding), with the heads cast a few rows at a time
+    (blocks not dividing V), and no allocation is ever half as large as a float32 copy of the teacher's head."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(4)
+    V, Hs, Ht = 300, 16, 24
+    hs = torch.randn(2, 7, Hs, generator=g).to(torch.bfloat16).requires_grad_(True)
+    ws = (torch.randn(V, Hs, generator=g) * 0.5).to(torch.bfloat16).requires_grad_(True)
+    ht, wt = torch.randn(2, 7, Ht, generator=g).to(torch.bfloat16), torch.randn(V, Ht, generator=g).to(torch.bfloat16)
+    mask = torch.rand(2, 7, generator=g) > 0.2
+    reference = trb.opd_loss(hs.float() @ ws.float().T, ht.float() @ wt.float().T, mask)
+    expected = torch.autograd.grad(reference, (hs, ws))
+    monkeypatch.setattr(trb, "HEAD_BLOCK_ROWS", 64)
+    loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4)
+    grads = torch.autograd.grad(loss, (hs, ws))
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):  # float32 sums in another order, each rounded once to bf16: 1 ulp apart
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -8 * float(want.abs().max()))
+    big = torch.randn(20000, 64).to(torch.bfloat16)  # the teacher's head: 5 MB as float32
+    student = torch.randn(1, 8, 16, requires_grad=True), torch.randn(20000, 16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trb.chunked_opd_loss(*student, torch.randn(1, 8, 64).to(torch.bfloat16), big,
+                             torch.ones(1, 8, dtype=torch.bool)).backward()
+    largest = max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    assert largest < big.numel() * 4 / 2, largest
+
+
 def test_solver_workspace_is_not_aliased_between_calls():
     """solve_beta reuses its (B, V) buffers from call to call: a result never changes when a later call overwrites
     them, and calls on another shape in between change nothing (the same ops on the same values: exact)."""

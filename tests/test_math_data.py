@@ -35,6 +35,16 @@ def test_math_verify_rejects_wrong_or_missing_answers(completion, reference):
     assert not math_data.is_correct(completion, reference, exact=False)
 
 
+def test_a_last_box_left_open_falls_back_to_the_complete_one_before_it():
+    """A completion cut inside its last \\boxed{ (max_new_tokens reached) is graded by the last complete \\boxed{}
+    before it, as math-verify's own extraction reads the text; with no complete box there is no answer."""
+    cut = "first \\boxed{\\frac{1}{2}}, on second thought \\boxed{\\frac{3"
+    assert math_data.final_answer(cut) == "\\frac{1}{2}"
+    assert math_data.is_correct(cut, "0.5", exact=False) and not math_data.is_correct(cut, "3/4", exact=False)
+    assert math_data.extract_answer("\\boxed{12} then \\boxed{1") == "12"
+    assert math_data.final_answer("\\boxed{3") is None and math_data.final_answer("#### 4 \\boxed{3") is None
+
+
 def test_exact_mode_is_string_equality_after_normalisation():
     """The embedded task keeps exact match: 0.5 is not 1/2 there, while math-verify accepts it."""
     assert math_data.is_correct("12+5=7;#### 17", "#### 17", exact=True)
@@ -93,6 +103,18 @@ def test_eval_dataset_with_its_own_split_and_fields(datasets_on_disk):
     assert held_out["question"] == [f"p{i}" for i in range(5)] and held_out["answer"][1] == "\\frac{1}{2}"
 
 
+def test_training_data_needs_no_answer_field(datasets_on_disk):
+    """A prompt-only training file (OpenThoughts3 has no answer field) loads with eval_dataset supplying the answers;
+    the training rows carry the question only."""
+    with open(datasets_on_disk / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": f"q{i}"}) + "\n" for i in range(5))
+    cfg = data_config(dataset=str(datasets_on_disk / "prompts.jsonl"), eval_dataset=str(datasets_on_disk / "gsm"),
+                      eval_split="test", eval_size=3)
+    train, held_out = math_data.load_splits(cfg)
+    assert train.column_names == ["question"] and train["question"] == [f"q{i}" for i in range(5)]
+    assert held_out.column_names == ["question", "answer"] and len(held_out) == 3
+
+
 def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
     cfg = data_config(dataset=str(datasets_on_disk / "gsm"), eval_dataset=str(datasets_on_disk / "gsm"),
                       eval_split="test", eval_size=100)
@@ -105,11 +127,16 @@ def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
     ({"eval_dataset": "MATH500", "eval_split": "train", "eval_question_field": "question"},
      "error: eval_dataset: no field 'question'"),
     ({"train_split": "nope"}, "error: train_split: split 'nope' not in"),
+    ({"dataset": "ONE_ROW"}, "error: dataset: too few rows to hold out"),  # none left to train on
+    ({"dataset": "PROMPTS_ONLY"}, "error: dataset: no field 'answer'"),  # its held-out rows need answers
 ])
 def test_data_errors_are_one_line_naming_the_key(datasets_on_disk, capsys, values, expected):
-    if values.get("eval_dataset") == "MATH500":
-        values["eval_dataset"] = str(datasets_on_disk / "math500.jsonl")
+    files = {"MATH500": "math500.jsonl", "ONE_ROW": "one_row.jsonl", "PROMPTS_ONLY": "prompts_only.jsonl"}
+    (datasets_on_disk / "one_row.jsonl").write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    (datasets_on_disk / "prompts_only.jsonl").write_text("".join(json.dumps({"question": f"q{i}"}) + "\n"
+                                                                 for i in range(4)))
+    values = {k: str(datasets_on_disk / files[v]) if v in files else v for k, v in values.items()}
     with pytest.raises(SystemExit):
-        math_data.load_splits(data_config(dataset=str(datasets_on_disk / "gsm"), **values))
+        math_data.load_splits(data_config(**{"dataset": str(datasets_on_disk / "gsm"), **values}))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected), err

@@ -1,4 +1,5 @@
-"""The memory plan: its exact terms against real models and caches, Qwen3's shapes, and the presets against 80 GB."""
+"""The memory plan: its exact terms against real models and caches, Qwen3's shapes, the presets against 80 GB, and
+the whole plan against the measured peaks of a real run on CPU."""
 import dataclasses
 import os
 import subprocess
@@ -10,6 +11,8 @@ import torch
 
 import config
 import memory_plan
+import trb
+import trb_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"qwen3_1.7b_from_8b": 8, "qwen3_0.6b_from_4b": 8, "gsm8k_1gpu": 1}  # preset: its world size
@@ -44,7 +47,7 @@ def test_parameter_counts_and_kv_bytes_match_a_real_model(tmp_path, tied):
                                                    ("Qwen/Qwen3-1.7B-Base", 1.72e9, 112),
                                                    ("Qwen/Qwen3-4B", 4.02e9, 144), ("Qwen/Qwen3-8B", 8.19e9, 144)])
 def test_builtin_qwen3_shapes(name, params, kv_kib):
-    """Offline, Qwen3's names resolve to their published shapes: KV cache per token (QWEN3_FACTS.md) and size."""
+    """Offline, Qwen3's names resolve to their published shapes (config.json): KV cache per token and size."""
     shape = memory_plan.Shape(memory_plan.builtin_qwen3(name))
     assert shape.kv_per_token == kv_kib * 1024 and shape.vocab == 151936
     assert abs(shape.params - params) <= 0.01 * params
@@ -64,8 +67,39 @@ def test_sharding_divides_the_students_state_and_checkpointing_cuts_activations(
         assert rest(8)[term] * 8 == rest(2)[term] * 2 == rest(8, hsdp_shard_size=2)[term] * 2
     assert rest(8, teacher_sharding="shard")["teacher weights (bf16)"] * 8 == rest(8)["teacher weights (bf16)"]
     training = lambda ac: memory_plan.plan(dataclasses.replace(cfg, activation_checkpointing=ac), 8)[
-        "moments"]["training peak"]["activations (student)"]
+        "moments"]["loss backward"]["activations (student)"]
     assert training(True) < training(False) / 5
+
+
+def test_plan_reads_max_prompt_tokens_and_static_cache_lengths():
+    """The prompt length is the config's max_prompt_tokens; a static cache holds trb_fast.static_cache_length positions
+    per row, a dynamic one prompt + new tokens."""
+    cfg = config.load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}"])
+    shapes = {key: memory_plan.Shape(memory_plan.builtin_qwen3(getattr(cfg, key))) for key in ("student", "teacher")}
+    per_token = shapes["student"].kv_per_token + shapes["teacher"].kv_per_token
+    for cache, prompt in (("static", 1024), ("static", 1500), ("dynamic", 1500)):
+        result = memory_plan.plan(dataclasses.replace(cfg, cache=cache, max_prompt_tokens=prompt), 8, **shapes)
+        length = trb_fast.static_cache_length(prompt, 7168) if cache == "static" else prompt + 7168
+        assert result["tokens"]["prompt"] == prompt and result["tokens"]["rollout"] == length
+        assert result["moments"]["rollout peak"]["KV caches (bf16)"] == 16 * length * per_token
+    assert trb_fast.static_cache_length(1500, 7168) == 10240 > 1500 + 7168
+
+
+def test_compiled_decoding_keeps_the_largest_static_caches_at_every_moment():
+    """compile: true keeps each model's last static cache through every moment: the student's larger of its rollout
+    and evaluation caches, the teacher's rollout cache, both at rows padded to a power of two; compile: false keeps
+    none."""
+    cfg = config.load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}", "--rollout_batch_size=12",
+                              "--eval_batch_size=20"])
+    shapes = {key: memory_plan.Shape(memory_plan.builtin_qwen3(getattr(cfg, key))) for key in ("student", "teacher")}
+    student, teacher = shapes["student"].kv_per_token, shapes["teacher"].kv_per_token
+    compiled = memory_plan.plan(dataclasses.replace(cfg, compile=True), 8, **shapes)
+    kept = (max(16 * trb_fast.static_cache_length(1024, 7168), 32 * trb_fast.static_cache_length(1024, 8192)) * student
+            + 16 * trb_fast.static_cache_length(1024, 7168) * teacher)
+    assert all(terms["static KV caches kept (compile)"] == kept for terms in compiled["moments"].values())
+    assert compiled["moments"]["rollout peak"]["KV caches (bf16)"] == 0  # the kept ones are the ones in use
+    plain = memory_plan.plan(cfg, 8, **shapes)
+    assert all(terms["static KV caches kept (compile)"] == 0 for terms in plain["moments"].values())
 
 
 def test_plan_command_prints_the_table(tmp_path):
@@ -74,9 +108,61 @@ def test_plan_command_prints_the_table(tmp_path):
                              "--config=configs/qwen3_1.7b_from_8b.yaml"], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "training peak" in result.stdout and "built-in Qwen3 shape" in result.stdout
+    assert "loss backward" in result.stdout and "built-in Qwen3 shape" in result.stdout
+    assert "1024 prompt (max_prompt_tokens)" in result.stdout
     assert "fits in 80 GiB" in result.stdout
     bad = subprocess.run([sys.executable, "train_fsdp.py", "--plan", "--world_size=3",
                           "--config=configs/qwen3_1.7b_from_8b.yaml"], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: world_size:")
+
+
+@pytest.fixture(scope="module")
+def reduced_qwen3(tmp_path_factory, qwen3_folders):
+    """Qwen3-shaped random models cut to a CPU's size around the real 151,936-row head: a tied 2-layer 128-wide
+    student (grouped 2:1 like 1.7B's heads), an untied 2-layer 256-wide teacher (4:1 like 8B's), Qwen3-sized
+    tokenizers, and prompts of 1,450 to 1,770 tokens."""
+    import json
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from conftest import BASE_EOS, CHAT_EOS
+    root = tmp_path_factory.mktemp("reduced")
+    for name, hidden, heads, tied, eos in (("student", 128, 4, True, BASE_EOS),
+                                           ("teacher", 256, 8, False, [CHAT_EOS, BASE_EOS])):
+        config = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=2,
+                             num_attention_heads=heads, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tied,
+                             max_position_embeddings=4096, pad_token_id=BASE_EOS, eos_token_id=eos, bos_token_id=None)
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+        model.generation_config.eos_token_id = eos
+        model.save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(qwen3_folders / name).save_pretrained(root / name)
+    with open(root / "data.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": f"What is {k}+{k}?" + " pad" * (340 + 20 * (k % 5)),
+                                 "answer": f"#### {2 * k}"}) + "\n" for k in range(40))
+    return root
+
+
+def test_plan_bounds_the_measured_peaks_of_a_reduced_qwen3_run(reduced_qwen3, tmp_path):
+    """At every moment the plan (less the CUDA allowance) bounds the peak measured in a real train_small run on CPU
+    (2 steps, bf16 autocast, static caches, TRB rollouts with the teacher, 2-row micro-batches with a mask) to within
+    1% below and 25% above; what a moment adds to the state at rest is bounded to within 1 MiB below and 2.5x above."""
+    args = [f"--config={ROOT / 'configs' / 'gsm8k_1gpu.yaml'}", f"--student={reduced_qwen3 / 'student'}",
+            f"--teacher={reduced_qwen3 / 'teacher'}", f"--dataset={reduced_qwen3 / 'data.jsonl'}", "--dataset_config=",
+            "--dtype=bfloat16", "--method=trb", "--eps0=0.1", "--warmup_steps=10", "--batch_size=4",
+            "--rollouts_per_prompt=2", "--rollout_batch_size=8", "--micro_batch_size=2", "--max_new_tokens=16",
+            "--eval_max_new_tokens=24", "--eval_batch_size=8", "--eval_size=4", "--eval_samples=2", "--eval_every=0",
+            "--max_steps=2", "--checkpoint_every=0", "--shown_problems=0", "--loss_chunk_size=16",
+            "--max_prompt_tokens=1800", f"--out_dir={tmp_path / 'run'}"]
+    cfg = config.load_config(args)
+    shapes = {key: memory_plan.Shape(memory_plan.model_config(getattr(cfg, key), cfg, key)[0])
+              for key in ("student", "teacher")}
+    planned = memory_plan.plan(cfg, 1, **shapes)
+    measured = memory_plan.measure(cfg)
+    print("\n" + memory_plan.format_comparison(planned, measured))
+    assert list(measured) == list(memory_plan.MOMENTS)
+    context, MiB = memory_plan.CUDA_CONTEXT, 1024 ** 2
+    plan = {m: planned["totals"][m] - context for m in measured}
+    for m, value in measured.items():
+        assert 0.99 * value <= plan[m] <= 1.25 * value, (m, value / MiB, plan[m] / MiB)
+        above, planned_above = value - measured["at rest"], plan[m] - plan["at rest"]
+        assert above - MiB <= planned_above <= 2.5 * above + MiB, (m, above / MiB, planned_above / MiB)

@@ -333,3 +333,18 @@ def test_bf16_teacher_and_decoding_copy_keep_float32_rotary_frequencies(long_con
         rounded = reference.to(torch.bfloat16)  # nn.Module.to: inv_freq rounded to bf16
         assert rounded.model.rotary_emb.inv_freq.dtype == torch.bfloat16
         assert not torch.equal(logits(rounded), logits(model))
+
+
+def test_the_sampler_never_copies_the_head_of_any_model(qwen3_folders):
+    """blended_generate keeps each forward's last position by an index, so even a model loaded without load_models'
+    head hook allocates less than its frozen (V, H) head in a 3-row prefill (a strided last position would make
+    torch.matmul multiply by a per-row copy of it)."""
+    from transformers import AutoModelForCausalLM
+    teacher = AutoModelForCausalLM.from_pretrained(qwen3_folders / "teacher", dtype=torch.bfloat16).eval()
+    teacher.requires_grad_(False)  # frozen, as a teacher is: then matmul takes the copying path
+    head = teacher.get_output_embeddings().weight
+    ids = torch.randint(0, 1000, (3, 9))
+    with torch.no_grad():
+        prefill = largest_allocation(lambda: trb.blended_generate(teacher, None, ids, torch.ones_like(ids), eps=0.0,
+                                                                  max_new_tokens=2, temperature=0.0))
+    assert prefill < head.nbytes, (prefill, head.nbytes)

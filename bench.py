@@ -225,7 +225,7 @@ def decode_model(name, device, dtype, seed):
     from transformers import Qwen3ForCausalLM
     import memory_plan
     if name in ("tiny", "small"):
-        from train_small import to_compute_dtype  # float32 rotary frequencies, as from_pretrained keeps them
+        from models import to_compute_dtype  # float32 rotary frequencies, as from_pretrained keeps them
         return to_compute_dtype(qwen3_shaped({"tiny": 4, "small": 6}[name], seed=seed).to(device), dtype)
     config = memory_plan.builtin_qwen3(f"Qwen/Qwen3-{name}")
     if config is None:

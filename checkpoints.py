@@ -1,20 +1,25 @@
 """
 Run bookkeeping that survives interruption and relaunching: folders written atomically, the complete checkpoints of
 a run (the newest keep_checkpoints are kept), the refusal of a fresh run to delete an earlier run's checkpoints, the
-logs (metrics.jsonl, samples.jsonl) cut back to a checkpoint, and train_small.py's single-device checkpoint
-(train_fsdp.py writes sharded DCP ones).
+logs (metrics.jsonl, samples.jsonl) cut back to a checkpoint and written row by row (RunLog), the summary, and
+train_small.py's single-device checkpoint (train_fsdp.py writes sharded DCP ones). A run starts with
+checkpoints_to_resume (before any model loads), then resume_from, then a RunLog.
 
 A checkpoint is <out_dir>/checkpoints/step_XXXXXX. It is written to .tmp-step_XXXXXX and renamed only when complete,
 so a run killed during a save resumes from the previous checkpoint, never from half a folder. A complete checkpoint
 that is damaged later (a truncated file) fails to load, and the resume falls back to the one before it.
 """
+import dataclasses
 import json
 import os
 import random
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def save_atomically(path, write):
@@ -107,3 +112,122 @@ def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False
     random.setstate(state["python_rng"])
     generator.set_state(state["sampler_rng"])
     return state["step"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Starting, resuming and logging a run (train_small.train). `runtime` is its hooks (train_small.SingleDevice or
+# train_fsdp.FSDP): every decision that stops the run or picks its checkpoint is taken by all processes together.
+
+
+def checkpoints_to_resume(cfg, runtime):
+    """
+    The complete checkpoints of out_dir to resume from, oldest first ([] for a fresh run), called before any model
+    loads. A fresh run into an out_dir that holds an earlier run's checkpoints stops with one line, unless overwrite
+    says so: relaunching a command must never delete the run it started. Every rank reads out_dir (one shared folder)
+    and they agree before any stops or tries a checkpoint.
+    """
+    out = Path(cfg.out_dir)
+    refused = fresh_run_refused(out, cfg.resume, cfg.overwrite)
+    found = complete_checkpoints(out) if cfg.resume else []
+    same = runtime.sum([len(found)])[0] == runtime.world * len(found)  # every rank sees as many checkpoints
+    if not runtime.everywhere(refused is None and same):
+        runtime.stop(refused or f"out_dir: the ranks see different checkpoints in {out} (it must be one folder "
+                                f"that all of them share)")
+    if cfg.resume and not found and runtime.is_main:
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh")
+    return found
+
+
+def first_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def resume_from(found, student, optimizer, generator, cfg, runtime):
+    """
+    (checkpoint, step): the newest of the complete checkpoints `found` that loads into the student, AdamW and the
+    RNGs, or (None, 0) if there are none. One that fails to load (a truncated file, say) is named in a warning line
+    and the one before it is tried; loading it overwrites whatever the failed load applied. Under FSDP every rank
+    tries each checkpoint and the ranks move on together. If none loads the run stops: starting fresh instead would
+    silently throw the run away.
+    """
+    for i in reversed(range(len(found))):
+        try:
+            step, problem = runtime.load_checkpoint(found[i], student, optimizer, generator, cfg), None
+        except Exception as error:  # any failure to read or apply it: damaged, truncated, of another model
+            step, problem = 0, first_line(error)
+        if runtime.everywhere(problem is None):
+            if runtime.is_main:
+                print(f"resumed from {found[i]}")
+            return found[i], step
+        if runtime.is_main:
+            then = "trying the one before it" if i else "there is none before it"
+            print(f"warning: checkpoint {found[i]} cannot be loaded ({problem or 'it failed on another rank'}); "
+                  f"{then}", file=sys.stderr, flush=True)
+    if found:
+        runtime.stop(f"resume: none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
+                     f"warnings above); to start over instead, --resume=false --overwrite=true")
+    return None, 0
+
+
+class RunLog:
+    """
+    metrics.jsonl (one row per step, and per evaluation) and samples.jsonl (the shown problems' completions) of a run,
+    appended and flushed row by row, and the rows so far (history). Opened at the step the run starts from: a resumed
+    run's logs are cut back to its checkpoint (rows logged after it, and a half-written line, are dropped: they are
+    recomputed); a fresh run's are emptied, and its out_dir's old checkpoints removed. Only the main process writes.
+    """
+
+    def __init__(self, out_dir, start, resumed, write):
+        self.out, self.write = Path(out_dir), write
+        self.history = read_log(self.out / "metrics.jsonl", start) if resumed and write else []
+        self.metrics = None
+        if write:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resumed:  # a fresh run (no checkpoints here, or overwrite): never resumed into an earlier one
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            rewrite_log(self.out / "metrics.jsonl", self.history)
+            rewrite_log(self.out / "samples.jsonl", read_log(self.out / "samples.jsonl", start) if resumed else [])
+            self.metrics = open(self.out / "metrics.jsonl", "a")
+
+    def record(self, row):
+        """One metrics row; an evaluation's pass@1 is also printed."""
+        self.history.append(row)
+        if self.write:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            if "pass@1" in row:
+                tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")
+
+    def samples(self, step, model_name, samples):
+        """Appends one samples.jsonl row per shown problem and prints them, one line each."""
+        if not (self.write and samples):
+            return
+        with open(self.out / "samples.jsonl", "a") as log:
+            log.writelines(json.dumps({"step": step, "model": model_name, **s}) + "\n" for s in samples)
+        tqdm.write(f"step {step}, {model_name}'s greedy completions (samples.jsonl):")
+        for s in samples:
+            verdict = "right" if s["correct"] else f"wrong (answer {s['answer']})"
+            tqdm.write(f"  #{s['problem']} {one_line(s['question'], 40)} -> {one_line(s['completion'])}   {verdict}")
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def write_summary(self, cfg, world_size, teacher_scores, started):
+        """summary.json: the first, last and best evaluation, the teacher's scores, the wall time and the config."""
+        evals = [row for row in self.history if "pass@1" in row]
+        best = max(evals, key=lambda row: row["pass@1"])
+        summary = {"method": cfg.method, "seed": cfg.seed, "steps": cfg.max_steps, "world_size": world_size,
+                   "initial_pass@1": evals[0]["pass@1"], "final_pass@1": evals[-1]["pass@1"],
+                   "final_greedy": evals[-1]["greedy"], "best_pass@1": best["pass@1"], "best_step": best["step"],
+                   "teacher": teacher_scores, "wall_s": round(time.time() - started, 1),
+                   "config": dataclasses.asdict(cfg)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def one_line(text, width=100):
+    """text on one line (newlines shown as \\n), cut in the middle to at most `width` characters."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else f"{text[:width // 2 - 2]} .. {text[-(width // 2 - 2):]}"

@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import math_data
+import models
 from config import die
 
 
@@ -81,10 +83,9 @@ def finished(run_cfg):
     return None
 
 
-def _run(run_cfg):
-    """One method-seed run in a worker process, its metrics history; its bars and prints go to the run's own
-    progress.log (several runs at once would interleave on screen)."""
-    import train_small
+def _run(train, run_cfg):
+    """One method-seed run, train(run_cfg), in a worker process: its metrics history; its bars and prints go to the
+    run's own progress.log (several runs at once would interleave on screen)."""
     history = finished(run_cfg)
     if history is not None:
         return history
@@ -93,18 +94,17 @@ def _run(run_cfg):
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
         try:
-            return train_small.train(run_cfg)
+            return train(run_cfg)
         except SystemExit:  # a run that stops (config.die) said why in its log; a worker exiting would hang the pool
             return None
 
 
 def _prepare(run_cfg):
     """Train and cache one seed's student init (and load the cached teacher) in a worker process."""
-    import train_small
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
     with open(os.devnull, "w") as quiet, redirect_stderr(quiet), redirect_stdout(quiet):
-        train_small.load_models(run_cfg, *train_small.load_splits(run_cfg))
+        models.load_models(run_cfg, *math_data.load_run_splits(run_cfg))
 
 
 def compare(cfg, train):
@@ -124,11 +124,10 @@ def compare(cfg, train):
     else:
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).
-        import train_small
-        train_small.load_models(cfg, *train_small.load_splits(cfg))
+        models.load_models(cfg, *math_data.load_run_splits(cfg))
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
-            results = pool.imap(_run, configs.values())
+            results = pool.imap(functools.partial(_run, train), configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
         for key, history in runs.items():
             if history is None:

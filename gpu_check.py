@@ -101,8 +101,7 @@ def run_args(models, out_dir):
 
 def measured_train(argv):
     """Run in a child process: train_small.train on argv with the peak GPU memory of each of memory_plan's moments
-    (torch.cuda.max_memory_allocated inside the ranges train_small marks with train_small.moment, and inside each
-    evaluation), printed as one JSON line beside memory_plan.plan's totals for the same config (GiB). The plan counts
+    (torch.cuda.max_memory_allocated inside the ranges a run marks with memory_plan.moment), printed as one JSON line beside memory_plan.plan's totals for the same config (GiB). The plan counts
     a 2 GiB allowance for the CUDA context and NCCL that the allocator does not see."""
     from contextlib import contextmanager
 
@@ -125,14 +124,7 @@ def measured_train(argv):
             peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2 ** 30)
             peaks["at rest"] = max(peaks["at rest"], torch.cuda.memory_allocated() / 2 ** 30)
 
-    def evaluation(fn):
-        def wrapper(*args, **kwargs):
-            with measured("evaluation peak"):
-                return fn(*args, **kwargs)
-        return wrapper
-    train_small.moment = measured  # train_step's `with moment(...)` ranges look it up at each call
-    train_small.evaluate = evaluation(train_small.evaluate)
-    train_small.sample_completions = evaluation(train_small.sample_completions)
+    memory_plan.moment = measured  # looked up at each use
     started = time.time()
     history = train_small.train(cfg)
     planned = memory_plan.plan(cfg, world_size=1)["totals"]

@@ -1,7 +1,9 @@
 """
-Real math datasets for train_small.py and train_fsdp.py, and answer checking: a hub dataset, a save_to_disk folder or a
-.json/.jsonl file, for training (a question field; OPD never reads an answer, so prompt-only data such as
-OpenThoughts3 trains as is) and, optionally from another one, for evaluation (a question and an answer field).
+The prompts of a run (the embedded task's or a real dataset's, formatted with the system prompt and chat template,
+those over max_prompt_tokens dropped), real math datasets and answer checking. A dataset is a hub name, a
+save_to_disk folder or a .json/.jsonl file, for training (a question field; OPD never reads an answer, so
+prompt-only data such as OpenThoughts3 trains as is) and, optionally from another one, for evaluation (a question
+and an answer field).
 Answers are the last complete \\boxed{...} or "#### n" of a completion; on real data they are compared with
 math-verify, the paper's checker (\\frac12 = 0.5 = \\dfrac{1}{2}), on the embedded synthetic task as exact strings.
 """
@@ -9,6 +11,8 @@ import os
 import re
 import threading
 
+import models
+import synthetic_task
 from config import die
 
 
@@ -74,6 +78,53 @@ def load_splits(cfg):
                            {cfg.question_field: "question", cfg.answer_field: "answer"}, "dataset", cfg.dataset)
     train = _fields(train, {cfg.question_field: "question"}, "dataset", cfg.dataset)
     return train, held_out.select(range(min(cfg.eval_size, len(held_out))))
+
+
+def load_run_splits(cfg, tokenizer=None, verbose=True):
+    """
+    (train, held-out) datasets, the embedded task's or a real dataset's: "question" (and, held out, "answer") fields.
+    Rows whose prompt (format_prompt, tokenized as encode_prompts does) is longer than max_prompt_tokens are dropped,
+    with a printed count (verbose): one long prompt would widen every row of its decode call, past the memory plan.
+    """
+    train, held_out = synthetic_task.splits(cfg) if cfg.dataset == "synthetic" else load_splits(cfg)
+    tokenizer = tokenizer or models.load_tokenizer(cfg)
+    held_out_key = "eval_dataset" if cfg.eval_dataset else "dataset"
+    return (drop_long_prompts(train, tokenizer, cfg, "dataset", "training", verbose),
+            drop_long_prompts(held_out, tokenizer, cfg, held_out_key, "held-out", verbose))
+
+
+def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
+    """The rows whose formatted prompt has at most max_prompt_tokens tokens; stops with one line if none has."""
+    prompts = [format_prompt(q, tokenizer, cfg) for q in rows["question"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
+    if not keep:
+        die(f"max_prompt_tokens: all {len(rows)} {what} prompts of {key} {getattr(cfg, key)!r} are longer than "
+            f"{cfg.max_prompt_tokens} tokens (the shortest has {min(lengths, default=0)})")
+    if len(keep) < len(rows):
+        if verbose:
+            print(f"{key}: dropped {len(rows) - len(keep)} of {len(rows)} {what} prompts over max_prompt_tokens="
+                  f"{cfg.max_prompt_tokens} (the longest has {max(lengths)} tokens)")
+        rows = rows.select(keep)
+    return rows
+
+
+def format_prompt(question, tokenizer, cfg):
+    """Synthetic task: the question itself. Real data: the paper's system prompt, via the chat template if any (Qwen3's
+    reads enable_thinking: off, it appends an empty think block)."""
+    if cfg.dataset == "synthetic":
+        return question
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=cfg.enable_thinking)
+    return f"{cfg.system_prompt}\n\n{question}\n"
+
+
+def encode_prompts(prompts, tokenizer, device):
+    """Left-padded prompt batch: input_ids, attention_mask (B, P)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def final_answer(text):

@@ -16,9 +16,11 @@ checks the plan against a real run on CPU (tests/test_memory_plan.py, README).
 """
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
+import models
 import trb
 import trb_fast
 
@@ -34,6 +36,16 @@ SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta keeps between cal
 # gradient (measured: 4 in each, with two EOS ids)
 LOSS_CHUNK_BUFFERS = 4
 MOMENTS = ("at rest", "rollout peak", "loss forward", "loss backward", "optimizer step", "evaluation peak")
+MOMENT = "memory moment: "  # the prefix of the profiler ranges that mark the moments in a run
+
+
+@contextmanager
+def moment(name):
+    """A torch.profiler range named after one of the MOMENTS, around the code of a run that makes it (train_small's
+    training step, the evaluation); measure reads the peak inside. Looked up at each use, so gpu_check.py can put
+    a CUDA measurement in its place."""
+    with torch.profiler.record_function(MOMENT + name):
+        yield
 
 QWEN3 = {  # (hidden, intermediate, layers, heads, kv heads, tied embeddings): the published Qwen3 config.json values
     "0.6B": (1024, 3072, 28, 16, 8, True), "1.7B": (2048, 6144, 28, 16, 8, True),
@@ -191,7 +203,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         teacher_out = (tokens + completions) * teacher.hidden * BF16
         chunk = min(cfg.loss_chunk_size, completions)
         loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
-                + (chunk + trb.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # trb._head's blocks
+                + (chunk + trb_fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
         if teacher_sharded:
             loss += BF16 * V * teacher.hidden  # the gathered teacher head, copied for the loss's backward
         # the student head's gradient in its weight's dtype: the chunks' sum and the newest chunk's (a tied head's
@@ -247,7 +259,7 @@ def measure(cfg):
     """
     Peak bytes per moment of a real train_small.train(cfg) on CPU, measured: torch.profiler's memory events (every
     allocation and free of the CPU allocator, in time order) summed into the bytes allocated at each instant, whose
-    maximum is read inside the ranges train_small marks with the moments' names (train_small.moment). The live
+    maximum is read inside the ranges a run marks with the moments' names (moment). The live
     tensors are counted after each optimizer step; their difference to the running sum at that instant (tensors the
     profiler never saw allocated, such as weights from_pretrained converts to another dtype) is added to every
     moment. At rest is the sum when a later step's rollout begins.
@@ -259,7 +271,7 @@ def measure(cfg):
     from config import die
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, record_function
-    if train_small.device_and_dtype(cfg)[0].type != "cpu":
+    if models.device_and_dtype(cfg)[0].type != "cpu":
         die("measure: CPU only (on a GPU, read torch.cuda.max_memory_allocated in each moment instead)")
     live = []
 
@@ -297,10 +309,10 @@ def measure(cfg):
     offset = live[-1] - at(censuses[-1])
     # at rest: when a later step's rollout begins (the census itself runs inside train_step, whose last micro-batch
     # is still referenced)
-    rollouts = [e.start_ns() for e in events if e.name() == train_small.MOMENT + "rollout peak"]
+    rollouts = [e.start_ns() for e in events if e.name() == MOMENT + "rollout peak"]
     peaks = {"at rest": max([at(t) + offset for t in rollouts if t > censuses[0]] or live)}
     for e in events:
-        name = e.name().removeprefix(train_small.MOMENT)
+        name = e.name().removeprefix(MOMENT)
         if name != e.name():
             first, last = bisect.bisect_left(times, e.start_ns()), bisect.bisect_right(times, e.end_ns())
             peak = max([at(e.start_ns())] + allocated[first:last]) + offset

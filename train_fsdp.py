@@ -55,6 +55,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoints
+import models
 import train_small as small
 from config import die, load_config
 
@@ -243,7 +244,7 @@ class FSDP(small.SingleDevice):
         Restores the sharded student and optimizer (DCP reshards them if the world size changed) and returns the
         step. RNG states are restored when the world size is the same; otherwise the sampler keeps its fresh seed.
         A checkpoint that cannot be loaded raises on every rank at the same point, so that all ranks fall back to the
-        one before together (train_small.resume_from): the small files are read first and the ranks agree on them
+        one before together (checkpoints.resume_from): the small files are read first and the ranks agree on them
         before DCP's collectives start, and DCP itself gathers each rank's read errors and raises on all of them.
         Whatever a failed load wrote into the student's and AdamW's tensors, the next load overwrites: DCP loads
         every key of the state dict.
@@ -279,7 +280,7 @@ class FSDP(small.SingleDevice):
             plain = AutoModelForCausalLM.from_config(student.config)  # the unwrapped class, on CPU
             plain.load_state_dict(full)
             plain.generation_config = student.generation_config
-            small.with_stop_ids(plain, eos_ids, tokenizer.pad_token_id).to(self.dtype).save_pretrained(path)
+            models.with_stop_ids(plain, eos_ids, tokenizer.pad_token_id).to(self.dtype).save_pretrained(path)
             tokenizer.save_pretrained(path)
         dist.barrier()
 

@@ -179,102 +179,14 @@ def opd_loss(student_logits, teacher_logits, mask, topk=0):
     return kl.sum() / max(kl.numel(), 1)
 
 
-class _ReverseKLFromHidden(torch.autograd.Function):
-    """
-    reverse_kl(student_logits, teacher_hidden @ teacher_head_weight.T) per position, with the analytic gradient
-    dKL/ds = pi_S (log pi_S - log pi_T - KL). It owns the teacher's buffer and works in place, so one call holds
-    three (n, V) buffers (student logits, pi_S, log pi_S - log pi_T) where autograd would hold about seven.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_hidden, teacher_head_weight, eos_ids):
-        dtype = _compute_dtype(student_logits)
-        diff = _head(teacher_hidden, teacher_head_weight).to(dtype)  # (n, V) teacher logits, soon log pi_S - log pi_T
-        diff = canonicalise_eos(diff, eos_ids)
-        diff = diff.sub_(torch.logsumexp(diff, dim=-1, keepdim=True))  # log pi_T
-        log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (n, V)
-        diff = diff.neg_().add_(log_ps)  # log pi_S - log pi_T
-        ps = log_ps.exp_()  # (n, V) in place: log pi_S is not needed any more
-        diff.masked_fill_(ps == 0, 0.0)  # student zeros contribute nothing, as in reverse_kl
-        # (n,) cascade sums (a float32 matmul over the vocabulary is off by ~2e-4) over small row blocks, so that
-        # no (n, V) temporary is held
-        kl = torch.cat([(p * d).sum(dim=-1) for p, d in zip(ps.split(64), diff.split(64))])
-        ctx.save_for_backward(ps, diff, kl)
-        ctx.student_dtype = student_logits.dtype
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        ps, diff, kl = ctx.saved_tensors
-        grad = (diff - kl.unsqueeze(-1)).mul_(ps).mul_(grad_kl.unsqueeze(-1))  # (n, V)
-        return grad.to(ctx.student_dtype), None, None, None
-
-
-HEAD_BLOCK_ROWS = 4096  # rows of a bf16 head cast to float32 at a time by _head (64 MiB of a 4096-wide head)
-
-
-class _Head(torch.autograd.Function):
-    """
-    hidden (n, H) @ weight (V, H).T in `dtype`, the weight's gradient written into one contiguous (V, H) tensor of the
-    weight's own dtype, which autograd then sums over the chunks in place: two heads' worth at most (autograd's own
-    matmul gradient, a transposed view, is summed out of place: three). A weight stored narrower than `dtype` (bf16)
-    is cast HEAD_BLOCK_ROWS rows at a time, so no (V, H) float32 copy of it is ever held (2.3 GiB for the 8B
-    teacher's head, per chunk), and its gradient is rounded to bf16 block by block, as autograd's cast would round it.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, dtype):
-        ctx.save_for_backward(hidden, weight)
-        ctx.dtype = dtype
-        h = hidden.to(dtype)
-        logits = h.new_empty(h.shape[0], weight.shape[0])  # (n, V)
-        for rows in _head_blocks(weight, dtype):
-            torch.mm(h, weight[rows].to(dtype).T, out=logits[:, rows])
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        dtype, blocks = ctx.dtype, _head_blocks(weight, ctx.dtype)
-        h, grad_hidden, grad_weight = hidden.to(dtype), None, None
-        with torch.autocast(grad.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_hidden = torch.zeros_like(h)  # (n, H), summed over the blocks in `dtype`
-                for rows in blocks:
-                    grad_hidden.addmm_(grad[:, rows], weight[rows].to(dtype))
-                grad_hidden = grad_hidden.to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.empty_like(weight)  # (V, H)
-                for rows in blocks:
-                    if weight.dtype == dtype:
-                        torch.mm(grad[:, rows].T, h, out=grad_weight[rows])
-                    else:
-                        grad_weight[rows] = grad[:, rows].T @ h  # (block, H), rounded to the weight's dtype
-        return grad_hidden, grad_weight, None
-
-
-def _head_blocks(weight, dtype):
-    """Row blocks of a head weight cast to dtype one at a time: all rows at once when it needs no cast."""
-    step = weight.shape[0] if weight.dtype == dtype else HEAD_BLOCK_ROWS
-    return [slice(i, i + step) for i in range(0, weight.shape[0], step)]
-
-
-def _head(hidden, head_weight):
-    """Logits (n, V) = hidden (n, H) @ head_weight (V, H).T in float32 (or float64) even under autocast: a bf16 matmul
-    rounds its output, i.e. logits of magnitude ~30 by ~0.1. A bf16 weight is cast a block of rows at a time, never
-    whole (_Head)."""
-    dtype = torch.promote_types(_compute_dtype(hidden), _compute_dtype(head_weight))
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _Head.apply(hidden, head_weight, dtype)
-
-
 def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk, eos_ids):
-    """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar."""
-    student_logits = canonicalise_eos(_head(student_hidden, student_head_weight), eos_ids)  # (n, V)
-    if topk == 0:
-        return _ReverseKLFromHidden.apply(student_logits, teacher_hidden, teacher_head_weight, eos_ids).sum()
+    """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar. The heads'
+    logits are float32 even under autocast (trb_fast.head_logits); the exact KL owns the teacher's (trb_fast.ReverseKL)."""
+    student_logits = canonicalise_eos(trb_fast.head_logits(student_hidden, student_head_weight), eos_ids)  # (n, V)
     with torch.no_grad():
-        teacher_logits = canonicalise_eos(_head(teacher_hidden, teacher_head_weight), eos_ids)  # (n, V)
+        teacher_logits = canonicalise_eos(trb_fast.head_logits(teacher_hidden, teacher_head_weight), eos_ids)  # (n, V)
+    if topk == 0:
+        return trb_fast.ReverseKL.apply(student_logits, teacher_logits).sum()
     return _topk_reverse_kl(student_logits, teacher_logits, topk).sum()
 
 
@@ -358,17 +270,6 @@ ROLLOUT_COLUMNS = {"tokens": torch.long, "completion_mask": torch.bool, "beta": 
 def position_ids(attention_mask):
     """(B, T) positions of a left-padded batch: 0 at each row's first real token (pads get 0, and are masked)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def check_same_vocab(student_tokenizer, teacher_tokenizer):
-    """Refuse tokenizers whose id -> token maps differ (naming the first difference); return the shared size."""
-    s = {i: tok for tok, i in student_tokenizer.get_vocab().items()}
-    t = {i: tok for tok, i in teacher_tokenizer.get_vocab().items()}
-    for i in range(max(len(s), len(t))):
-        if s.get(i) != t.get(i):
-            raise ValueError(f"student and teacher tokenizers differ at id {i}: student {s.get(i)!r}, "
-                             f"teacher {t.get(i)!r}; blending needs one shared vocabulary")
-    return len(s)
 
 
 def canonicalise_eos(logits, eos_ids):

@@ -3,6 +3,8 @@ The fast paths behind trb.py, each tested against the plain reference it stands 
 
 - solve_beta: E4 (docs/method.md section 2) by Halley steps from the small-budget guess, on a workspace reused from
   call to call. Reference: trb.solve_beta_bisect, the paper's bisection, run in float64 by the tests.
+- head_logits and ReverseKL: trb.chunked_opd_loss's memory path, float32 logits of a bf16 head without a float32
+  copy of it, and the exact KL with its analytic gradient in place. Reference: trb.opd_loss on full logits.
 - DecodeState: what blended_generate keeps between calls for speed, the static KV caches and the compiled per-token
   forward, with row padding so that a run compiles few shapes. Reference: the eager step with a dynamic cache.
 
@@ -131,7 +133,7 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50, works
     trace the loop ends once every row has stopped (see may_read), inside it runs them all. A row still open after
     max_iter returns the feasible end of its bracket. A bad eps raises, except inside a trace, where its rows get NaN.
     """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # bf16, fp16: float32
+    dtype = compute_dtype(student_logits)
     batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
     if not torch.is_tensor(eps) and not eps >= 0:  # a Python number is checked for free
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
@@ -208,6 +210,104 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50, works
         beta = torch.where(inside, new, (lo + hi) / 2)
     beta_star = torch.where(done, beta_star, lo)  # out of iterations: the feasible end of the bracket
     return torch.where(eps >= 0, beta_star, math.nan).reshape(batch_shape)  # NaN for a bad eps where not checked
+
+
+# -----------------------------------------------------------------------------
+# The chunked loss's memory path: heads in float32 without float32 copies, the exact KL in place.
+
+
+def compute_dtype(x):
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class ReverseKL(torch.autograd.Function):
+    """
+    trb.reverse_kl(student_logits, teacher_logits) per position, (n, V) -> (n,), with the analytic gradient
+    dKL/ds = pi_S (log pi_S - log pi_T - KL). It takes the teacher's logits to overwrite (a buffer no one else holds)
+    and works in place, so one call holds three (n, V) buffers (student logits, pi_S, log pi_S - log pi_T) where
+    autograd would hold about seven.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits):
+        dtype = compute_dtype(student_logits)
+        diff = teacher_logits.to(dtype)  # (n, V) the teacher's logits, soon log pi_S - log pi_T
+        diff = diff.sub_(torch.logsumexp(diff, dim=-1, keepdim=True))  # log pi_T
+        log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (n, V)
+        diff = diff.neg_().add_(log_ps)  # log pi_S - log pi_T
+        ps = log_ps.exp_()  # (n, V) in place: log pi_S is not needed any more
+        diff.masked_fill_(ps == 0, 0.0)  # student zeros contribute nothing, as in reverse_kl
+        # (n,) cascade sums (a float32 matmul over the vocabulary is off by ~2e-4) over small row blocks, so that
+        # no (n, V) temporary is held
+        kl = torch.cat([(p * d).sum(dim=-1) for p, d in zip(ps.split(64), diff.split(64))])
+        ctx.save_for_backward(ps, diff, kl)
+        ctx.student_dtype = student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        ps, diff, kl = ctx.saved_tensors
+        grad = (diff - kl.unsqueeze(-1)).mul_(ps).mul_(grad_kl.unsqueeze(-1))  # (n, V)
+        return grad.to(ctx.student_dtype), None
+
+
+HEAD_BLOCK_ROWS = 4096  # rows of a bf16 head cast to float32 at a time by head_logits (64 MiB of a 4096-wide head)
+
+
+class Head(torch.autograd.Function):
+    """
+    hidden (n, H) @ weight (V, H).T in `dtype`, the weight's gradient written into one contiguous (V, H) tensor of the
+    weight's own dtype, which autograd then sums over the chunks in place: two heads' worth at most (autograd's own
+    matmul gradient, a transposed view, is summed out of place: three). A weight stored narrower than `dtype` (bf16)
+    is cast HEAD_BLOCK_ROWS rows at a time, so no (V, H) float32 copy of it is ever held (2.3 GiB for the 8B
+    teacher's head, per chunk), and its gradient is rounded to bf16 block by block, as autograd's cast would round it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, dtype):
+        ctx.save_for_backward(hidden, weight)
+        ctx.dtype = dtype
+        h = hidden.to(dtype)
+        logits = h.new_empty(h.shape[0], weight.shape[0])  # (n, V)
+        for rows in head_blocks(weight, dtype):
+            torch.mm(h, weight[rows].to(dtype).T, out=logits[:, rows])
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        dtype, blocks = ctx.dtype, head_blocks(weight, ctx.dtype)
+        h, grad_hidden, grad_weight = hidden.to(dtype), None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = torch.zeros_like(h)  # (n, H), summed over the blocks in `dtype`
+                for rows in blocks:
+                    grad_hidden.addmm_(grad[:, rows], weight[rows].to(dtype))
+                grad_hidden = grad_hidden.to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.empty_like(weight)  # (V, H)
+                for rows in blocks:
+                    if weight.dtype == dtype:
+                        torch.mm(grad[:, rows].T, h, out=grad_weight[rows])
+                    else:
+                        grad_weight[rows] = grad[:, rows].T @ h  # (block, H), rounded to the weight's dtype
+        return grad_hidden, grad_weight, None
+
+
+def head_blocks(weight, dtype):
+    """Row blocks of a head weight cast to dtype one at a time: all rows at once when it needs no cast."""
+    step = weight.shape[0] if weight.dtype == dtype else HEAD_BLOCK_ROWS
+    return [slice(i, i + step) for i in range(0, weight.shape[0], step)]
+
+
+def head_logits(hidden, head_weight):
+    """Logits (n, V) = hidden (n, H) @ head_weight (V, H).T in float32 (or float64) even under autocast: a bf16 matmul
+    rounds its output, i.e. logits of magnitude ~30 by ~0.1. A bf16 weight is cast a block of rows at a time, never
+    whole (Head)."""
+    dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(head_weight))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return Head.apply(hidden, head_weight, dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 Helper of tests/test_fsdp.py, run under `torchrun --nproc_per_node=2`. With FSDP2's collectives counted, it measures:
 - the all-gathers of a rollout of 8 and of 32 new tokens (no EOS, so every token is decoded), with
-  train_small.rollouts under the FSDP hooks (parameters gathered once) and with plain trb.blended_generate on the same
+  evaluation.rollouts under the FSDP hooks (parameters gathered once) and with plain trb.blended_generate on the same
   sharded models (FSDP's per-forward gathering);
 - over 4 training steps of 2 micro-batches each, with a sharded teacher and the chunked loss: the reduce-scatters per
   step, the length of the teacher's forward record after each step, and FSDP's warnings.
@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
+import evaluation  # noqa: E402
+import math_data  # noqa: E402
 import synthetic_task  # noqa: E402
 import train_fsdp  # noqa: E402
 import train_small  # noqa: E402
@@ -49,7 +51,7 @@ def main():
     student, teacher = runtime.prepare(synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0),
                                        synthetic_task.tiny_qwen3(tokenizer, 3, 32, seed=1).requires_grad_(False).eval())
     student.eval()
-    input_ids, mask = train_small.encode_prompts(["12+34=", "5+6="], tokenizer, device)
+    input_ids, mask = math_data.encode_prompts(["12+34=", "5+6="], tokenizer, device)
     behavior = {"eps": 0.5, "temperature": 1.0}  # TRB blend: both models decode
     result = {"fsdp_units": len(train_fsdp.fsdp_modules(student)) + len(train_fsdp.fsdp_modules(teacher))}
     for name, gathered_once in (("gathered", True), ("per_forward", False)):
@@ -58,7 +60,7 @@ def main():
             kwargs = dict(max_new_tokens=tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
                           generator=torch.Generator().manual_seed(rank), vocab_size=len(tokenizer))
             if gathered_once:
-                rollout = train_small.rollouts(student, teacher, input_ids, mask, 0, runtime, **behavior, **kwargs)
+                rollout = evaluation.rollouts(student, teacher, input_ids, mask, 0, runtime, **behavior, **kwargs)
             else:
                 rollout = trb.blended_generate(student, teacher, input_ids, mask, **behavior, **kwargs,
                                                all_finished=runtime.all_finished)

@@ -17,6 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
+import evaluation  # noqa: E402
+import math_data  # noqa: E402
+import models  # noqa: E402
 import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
 import trb  # noqa: E402
@@ -63,13 +66,13 @@ def test_prompts_over_max_prompt_tokens_are_dropped_with_a_count(qwen3_folders, 
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     cfg = real_config(qwen3_folders, f"--dataset={tmp_path / 'data.jsonl'}", "--eval_size=4")
-    lengths = {r["question"]: len(tokenizer(train_small.format_prompt(r["question"], tokenizer, cfg))["input_ids"])
+    lengths = {r["question"]: len(tokenizer(math_data.format_prompt(r["question"], tokenizer, cfg))["input_ids"])
                for r in rows}
     limit = max(n for q, n in lengths.items() if "long" not in q)
     assert limit < min(n for q, n in lengths.items() if "long" in q)
     cfg = dataclasses.replace(cfg, max_prompt_tokens=limit)
     full_train, full_held_out = __import__("math_data").load_splits(cfg)
-    train, held_out = train_small.load_splits(cfg, tokenizer)
+    train, held_out = math_data.load_run_splits(cfg, tokenizer)
     expected = lambda part: [q for q in part["question"] if lengths[q] <= limit]
     assert list(train["question"]) == expected(full_train) and list(held_out["question"]) == expected(full_held_out)
     assert 0 < len(held_out) < len(full_held_out) and list(held_out["answer"]) == [
@@ -79,7 +82,7 @@ def test_prompts_over_max_prompt_tokens_are_dropped_with_a_count(qwen3_folders, 
     out = capsys.readouterr().out
     assert dropped(full_train, "training") in out and dropped(full_held_out, "held-out") in out
     with pytest.raises(SystemExit):
-        train_small.load_splits(dataclasses.replace(cfg, max_prompt_tokens=3), tokenizer)
+        math_data.load_run_splits(dataclasses.replace(cfg, max_prompt_tokens=3), tokenizer)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: max_prompt_tokens: all "), err
 
@@ -88,7 +91,7 @@ def test_stop_ids_put_the_students_eos_first():
     """stop_token_ids: the student tokenizer's EOS (the one it emits) first, then the teacher's other ones."""
     tokenizer = qwen3_sized_tokenizer("<|endoftext|>", chat_template=False)
     student, teacher = qwen3_sized_model(BASE_EOS, 1, 0, hidden=16), qwen3_sized_model([CHAT_EOS, BASE_EOS], 1, 0, 16)
-    assert train_small.stop_token_ids(tokenizer, student, teacher) == [BASE_EOS, CHAT_EOS]
+    assert models.stop_token_ids(tokenizer, student, teacher) == [BASE_EOS, CHAT_EOS]
 
 
 def real_config(folders, *extra):
@@ -102,11 +105,11 @@ def test_thinking_switch_reaches_the_chat_template(qwen3_folders, thinking):
     from transformers import AutoTokenizer
     cfg = real_config(qwen3_folders, f"--enable_thinking={str(thinking).lower()}")
     chat = AutoTokenizer.from_pretrained(qwen3_folders / "teacher")
-    prompt = train_small.format_prompt("What is 1+2?", chat, cfg)
+    prompt = math_data.format_prompt("What is 1+2?", chat, cfg)
     assert prompt.startswith("<|im_start|>system\nPlease reason step by step")
     assert prompt.endswith("<|im_start|>assistant\n" if thinking else "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     base = qwen3_sized_tokenizer("<|endoftext|>", chat_template=False)
-    assert train_small.format_prompt("What is 1+2?", base, cfg) == f"{cfg.system_prompt}\n\nWhat is 1+2?\n"
+    assert math_data.format_prompt("What is 1+2?", base, cfg) == f"{cfg.system_prompt}\n\nWhat is 1+2?\n"
 
 
 def test_presets_load_and_real_models_refuse_the_embedded_defaults(capsys):
@@ -144,11 +147,11 @@ def test_evaluation_decodes_at_most_eval_batch_size_rows_per_call(qwen3_folders,
     for rows in (3, 64):
         cfg = real_config(qwen3_folders, f"--eval_batch_size={rows}", "--eval_samples=2", "--eval_size=5",
                           "--eval_max_new_tokens=3")
-        _, held_out = train_small.load_splits(cfg)
+        _, held_out = math_data.load_run_splits(cfg)
         target = held_out["answer"][0]
         monkeypatch.setattr(math_data, "is_correct", lambda text, answer, exact: answer == target)
         calls.clear()
-        result = train_small.evaluate(model, tokenizer, held_out, cfg, seed=0)
+        result = evaluation.evaluate(model, tokenizer, held_out, cfg, seed=0)
         assert result == {"pass@1": 1 / 5, "greedy": 1 / 5}
         assert all(n <= rows and tokens == 3 for n, tokens in calls), calls
         assert sum(n for n, _ in calls) == 5 * 2 + 5
@@ -258,7 +261,7 @@ def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
     state forward of 1 row (logits_to_keep=1, the last position of a strided hidden state) allocate less than the
     (V, H) head, where torch.matmul would multiply by a copy of it per row."""
     cfg = real_config(qwen3_folders, "--dtype=bfloat16")
-    _, _, teacher, _ = train_small.load_models(cfg, None, None)
+    _, _, teacher, _ = models.load_models(cfg, None, None)
     head = teacher.get_output_embeddings().weight
     assert head.dtype == torch.bfloat16 and head.shape == (151936, 32)
     ids = torch.randint(0, 1000, (3, 9))
@@ -274,7 +277,7 @@ def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
 def test_activation_checkpointing_key_reaches_the_student(qwen3_folders):
     """load_models turns on per-layer checkpointing of the student (never the frozen teacher) when the key says so."""
     cfg = real_config(qwen3_folders, "--activation_checkpointing=true")
-    _, student, teacher, _ = train_small.load_models(cfg, None, None)
+    _, student, teacher, _ = models.load_models(cfg, None, None)
     assert student.is_activation_checkpointing and not teacher.is_activation_checkpointing
 
 
@@ -317,7 +320,7 @@ def test_bf16_teacher_and_decoding_copy_keep_float32_rotary_frequencies(long_con
     cfg = config.load_config([f"--config={ROOT / 'configs' / 'gsm8k_1gpu.yaml'}", "--dtype=bfloat16",
                               f"--student={long_context_folders / 'student'}",
                               f"--teacher={long_context_folders / 'teacher'}"])
-    _, student, teacher, _ = train_small.load_models(cfg, None, None)
+    _, student, teacher, _ = models.load_models(cfg, None, None)
     decoding = train_small.SingleDevice(cfg).for_decoding(student)
     ids = torch.randint(3, 18, (1, 16))
     positions = torch.arange(3000, 3016)[None]  # (1, 16) far into the context

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import trb
+import trb_fast
 
 EPS_GRID = [1e-3, 1e-2, 0.1, 0.5]
 
@@ -404,7 +405,7 @@ def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_he
     mask = torch.rand(2, 7, generator=g) > 0.2
     reference = trb.opd_loss(hs.float() @ ws.float().T, ht.float() @ wt.float().T, mask)
     expected = torch.autograd.grad(reference, (hs, ws))
-    monkeypatch.setattr(trb, "HEAD_BLOCK_ROWS", 64)
+    monkeypatch.setattr(trb_fast, "HEAD_BLOCK_ROWS", 64)
     loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4)
     grads = torch.autograd.grad(loss, (hs, ws))
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)

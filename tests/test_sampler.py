@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from tokenizers import Tokenizer, models
 
 import trb
+from models import check_same_vocab
 
 VOCAB, PAD = 96, 0
 
@@ -286,11 +287,11 @@ def word_tokenizer(words):
 def test_vocabulary_mismatch_is_refused():
     """Tokenizers whose vocabularies differ are refused with an error naming the first differing id."""
     a = word_tokenizer(["<unk>", "a", "b", "c"])
-    assert trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c"])) == 4
+    assert check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c"])) == 4
     with pytest.raises(ValueError, match="differ at id 2"):
-        trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "x", "c"]))
+        check_same_vocab(a, word_tokenizer(["<unk>", "a", "x", "c"]))
     with pytest.raises(ValueError, match="differ at id 4"):
-        trb.check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c", "d"]))
+        check_same_vocab(a, word_tokenizer(["<unk>", "a", "b", "c", "d"]))
 
 
 def test_bf16_models_and_empty_completions_stay_finite():

@@ -10,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import config  # noqa: E402
 from conftest import folder_state, relative_weight_error  # noqa: E402
 import math_data  # noqa: E402
@@ -174,7 +175,7 @@ def test_a_compare_run_that_stops_returns_none_from_its_worker(tmp_path, monkeyp
     import compare
     monkeypatch.setattr(train_small, "train", lambda cfg: config.die("resume: nothing loads"))
     run_cfg = dataclasses.replace(config.load_config([]), out_dir=str(tmp_path / "run"), num_threads=0)
-    assert compare._run(run_cfg) is None
+    assert compare._run(train_small.train, run_cfg) is None
     assert (tmp_path / "run" / "progress.log").read_text() == "error: resume: nothing loads\n"
 
 
@@ -318,7 +319,7 @@ def test_real_prompt_uses_chat_template_and_system_prompt(real_folders):
     from transformers import AutoTokenizer
     cfg = config.load_config(real_args(real_folders, "unused"))
     tokenizer = AutoTokenizer.from_pretrained(real_folders / "student")
-    assert train_small.format_prompt("What is 1+2?", tokenizer, cfg) == (
+    assert math_data.format_prompt("What is 1+2?", tokenizer, cfg) == (
         "<system>Please reason step by step, and put your final answer within \\boxed{}.\n<user>What is 1+2?\n<assistant>")
 
 

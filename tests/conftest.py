@@ -1,3 +1,8 @@
+"""
+Shared fixtures and the test tiers. Each test module is in one tier, marked here:
+    python -m pytest -q -m fast tests      # maths, sampler, fast decode, config, statistics, data: under a minute
+    python -m pytest -q tests              # everything, as CI runs it (the smoke runs of both scripts, FSDP, ...)
+"""
 import json
 import sys
 from pathlib import Path
@@ -94,3 +99,17 @@ def folder_state(path):
     return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns,
                                        hashlib.sha256(f.read_bytes()).hexdigest())
             for f in sorted(Path(path).rglob("*")) if f.is_file()}
+
+
+FAST = {"test_math", "test_sampler", "test_fast_decode", "test_config", "test_compare", "test_math_data",
+        "test_docstrings"}  # the fast tier: no script runs, no torchrun
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: the fast tier (python -m pytest -m fast tests)")
+    config.addinivalue_line("markers", "slow: the rest: smoke runs of the scripts, torchrun, memory measurements")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker("fast" if item.module.__name__.split(".")[-1] in FAST else "slow")

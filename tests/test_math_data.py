@@ -20,6 +20,7 @@ import math_data
     ("\\boxed{x^2+2x}", "x(x+2)"),
 ])
 def test_math_verify_accepts_equal_answers_written_differently(completion, reference):
+    """math-verify counts an answer right when it equals the reference symbolically, however it is written."""
     assert math_data.is_correct(completion, reference, exact=False)
 
 
@@ -32,6 +33,7 @@ def test_math_verify_accepts_equal_answers_written_differently(completion, refer
     ("#### 12", "#### 1,234"),
 ])
 def test_math_verify_rejects_wrong_or_missing_answers(completion, reference):
+    """A wrong value, an unclosed or missing box, or no final answer at all counts as wrong."""
     assert not math_data.is_correct(completion, reference, exact=False)
 
 
@@ -89,6 +91,7 @@ def datasets_on_disk(tmp_path):
 
 
 def test_held_out_defaults_to_the_training_datasets_eval_split(datasets_on_disk):
+    """Without eval_dataset the held-out rows are the first eval_size of the training dataset's eval_split."""
     train, held_out = math_data.load_splits(data_config(dataset=str(datasets_on_disk / "gsm"), eval_size=4))
     assert len(train) == 10 and held_out["question"] == [f"test {i}?" for i in range(4)]
     assert held_out.column_names == ["question", "answer"]
@@ -116,6 +119,7 @@ def test_training_data_needs_no_answer_field(datasets_on_disk):
 
 
 def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
+    """Empty eval field names mean the training dataset's fields; eval_size larger than the split keeps all."""
     cfg = data_config(dataset=str(datasets_on_disk / "gsm"), eval_dataset=str(datasets_on_disk / "gsm"),
                       eval_split="test", eval_size=100)
     assert len(math_data.load_splits(cfg)[1]) == 6
@@ -131,6 +135,7 @@ def test_eval_fields_fall_back_to_the_training_fields(datasets_on_disk):
     ({"dataset": "PROMPTS_ONLY"}, "error: dataset: no field 'answer'"),  # its held-out rows need answers
 ])
 def test_data_errors_are_one_line_naming_the_key(datasets_on_disk, capsys, values, expected):
+    """A missing file, split or field, or too few rows, stops with one line that names the key."""
     files = {"MATH500": "math500.jsonl", "ONE_ROW": "one_row.jsonl", "PROMPTS_ONLY": "prompts_only.jsonl"}
     (datasets_on_disk / "one_row.jsonl").write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
     (datasets_on_disk / "prompts_only.jsonl").write_text("".join(json.dumps({"question": f"q{i}"}) + "\n"

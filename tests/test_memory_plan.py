@@ -55,12 +55,15 @@ def test_builtin_qwen3_shapes(name, params, kv_kib):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_fits_80_gib_at_every_moment(preset):
+    """Every preset's plan stays under 90% of an 80 GiB GPU at every moment (10% left for fragmentation)."""
     cfg = config.load_config([f"--config={ROOT / 'configs' / f'{preset}.yaml'}"])
     result = memory_plan.plan(cfg, PRESETS[preset])
     assert all(total <= 0.9 * 80 * memory_plan.GiB for total in result["totals"].values()), result["totals"]
 
 
 def test_sharding_divides_the_students_state_and_checkpointing_cuts_activations():
+    """The student's weights and AdamW state divide by the shard group, a sharded teacher by the world, and
+    activation checkpointing cuts the student's saved activations."""
     cfg = config.load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}"])
     rest = lambda world, **kw: memory_plan.plan(dataclasses.replace(cfg, **kw), world)["moments"]["at rest"]
     for term in ("student weights (fp32 master)", "AdamW state (2 x fp32)"):

@@ -15,8 +15,9 @@ leaves the others' figures:
     python gpu_check.py --prepare                        # on a machine with the network: wheels into .whl/
 
 The project pins transformers >= 5.24 (its forwards take `cache=`). A machine whose Python has an older transformers
-(or lacks datasets or math-verify) gets them from .whl/ if that folder is there: --prepare downloads the wheels of
-requirements.txt's packages (not torch) for Python 3.12 on x86-64 Linux, and gpu_check.py installs them first.
+(or lacks datasets or math-verify) gets them from .whl/ if that folder is there: --prepare downloads their wheels
+(15 MB, no dependencies: the machine's image has the rest) for Python 3.12 on x86-64 Linux, and gpu_check.py installs
+them first.
 """
 import argparse
 import json
@@ -27,17 +28,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-NEEDED = ["transformers>=5.24,<6", "datasets>=5.2,<6", "math-verify>=0.9,<0.10", "tqdm", "pyyaml"]
+NEEDED = ["transformers==5.24.0", "datasets==5.2.0", "math-verify==0.9.0", "latex2sympy2_extended==1.11.0",
+          "antlr4-python3-runtime==4.13.2", "dill==0.4.1", "multiprocess==0.70.19"]  # 15 MB; the rest is there
 
 
 def prepare(folder):
-    """Download the wheels NEEDED (and what they need, torch aside) for the GPU machine's Python 3.12."""
+    """Download the wheels NEEDED, without their dependencies (the GPU machine's image has torch, numpy, pandas,
+    pyarrow, tokenizers, safetensors and huggingface_hub), for its Python 3.12 on x86-64 Linux."""
     folder.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version=3.12",
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version=3.12",
                     "--platform=manylinux2014_x86_64", "--platform=manylinux_2_28_x86_64", "--platform=any",
                     "--implementation=cp", "-d", str(folder), *NEEDED], check=True)
-    for wheel in folder.glob("torch-*.whl"):
-        wheel.unlink()  # the machine's own CUDA build of torch stays
 
 
 def install_carried(folder, log):
@@ -53,7 +54,8 @@ def install_carried(folder, log):
         pass
     if not folder.is_dir():
         return f"not installed: no {folder} (run python gpu_check.py --prepare where the network is, then carry it)"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", f"--find-links={folder}", *NEEDED],
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", f"--find-links={folder}",
+                             *NEEDED],
                             capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)
     return "installed from " + str(folder) if result.returncode == 0 else f"pip install failed (see {log.name})"

@@ -64,8 +64,6 @@ def load_models(cfg, train, held_out, tokenizer=None):
         student = load_pretrained("student", cfg.student, cfg, torch.float32)
         teacher, teacher_scores = load_pretrained("teacher", cfg.teacher, cfg, dtype), None
     teacher.requires_grad_(False)
-    for model in (student, teacher):
-        contiguous_head_input(model)
     if cfg.activation_checkpointing:  # per decoder layer; active in train mode only, i.e. in the loss forwards
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # float32 master weights for the student: AdamW steps of lr 1e-5 vanish in bf16 rounding; compute runs in `dtype`
@@ -85,19 +83,6 @@ def to_compute_dtype(model, dtype):
     for module, name, buffer in rotary:
         module._buffers[name] = buffer.to(torch.float32)  # the float32 values as they were, not rounded and back
     return model
-
-
-def contiguous_head_input(model):
-    """
-    Gives the output head's input standard strides. With logits_to_keep=1 (every prefill, the loss's hidden-state
-    forwards) the head gets the last position of a (B, T, H) hidden state, a strided view; torch.matmul cannot fold
-    that into one matrix product (even for B = 1, which is_contiguous() accepts) and multiplies per row by a (B, H, V)
-    copy of the head instead (18.5 GiB for the 8B teacher's prefill of 16 rows), unless the head's weight needs a
-    gradient. Copying the (B, 1, H) input costs B x H.
-    """
-    model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: tuple(a.clone(memory_format=torch.contiguous_format) if torch.is_tensor(a) else a
-                                   for a in args))
 
 
 def check_same_vocab(student_tokenizer, teacher_tokenizer):

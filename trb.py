@@ -346,13 +346,20 @@ def skd_token_rule(top_k, teacher_temperature):
     return rule
 
 
+def last_position(ids):
+    """
+    logits_to_keep for a forward of ids (B, T) whose head needs the last position only: the index (1,) of it, which
+    gathers a contiguous (B, 1, H). logits_to_keep=1 slices a strided view instead, which torch.matmul multiplies by
+    a per-row copy of a frozen head (18.5 GiB for the 8B teacher's 16-row prefill).
+    """
+    return torch.tensor([ids.shape[1] - 1], device=ids.device)
+
+
 def _last_logits(model, ids, mask, positions, cache, vocab_size):
     """One forward of a model with its KV cache (updated in place): (B, V) float32 logits of the last position, on the
-    shared tokenizer range. The position is kept by an index, not logits_to_keep=1, whose strided (B, 1, H) slice
-    torch.matmul multiplies by a per-row copy of the head (18.5 GiB for the 8B teacher's 16-row prefill)."""
-    last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # (1,) an index gathers a contiguous (B, 1, H)
+    shared tokenizer range."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=last)
+                logits_to_keep=last_position(ids))
     return out.logits[:, -1, :vocab_size].float()
 
 

@@ -257,9 +257,9 @@ def largest_allocation(run):
 
 
 def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
-    """The models load_models returns hand their heads a contiguous input: a prefill of 3 rows and the loss's hidden-
-    state forward of 1 row (logits_to_keep=1, the last position of a strided hidden state) allocate less than the
-    (V, H) head, where torch.matmul would multiply by a copy of it per row."""
+    """The models load_models returns never copy their heads: a prefill of 3 rows and the loss's hidden-state forward of
+    1 row (each keeping the last position by an index, trb.last_position; a strided logits_to_keep=1 slice would make
+    torch.matmul multiply by a per-row copy of the frozen head) allocate less than the (V, H) head."""
     cfg = real_config(qwen3_folders, "--dtype=bfloat16")
     _, _, teacher, _ = models.load_models(cfg, None, None)
     head = teacher.get_output_embeddings().weight
@@ -339,8 +339,8 @@ def test_bf16_teacher_and_decoding_copy_keep_float32_rotary_frequencies(long_con
 
 
 def test_the_sampler_never_copies_the_head_of_any_model(qwen3_folders):
-    """blended_generate keeps each forward's last position by an index, so even a model loaded without load_models'
-    head hook allocates less than its frozen (V, H) head in a 3-row prefill (a strided last position would make
+    """blended_generate keeps each forward's last position by an index, so a frozen model loaded any way, here by a
+    plain from_pretrained, allocates less than its (V, H) head in a 3-row prefill (a strided last position would make
     torch.matmul multiply by a per-row copy of it)."""
     from transformers import AutoModelForCausalLM
     teacher = AutoModelForCausalLM.from_pretrained(qwen3_folders / "teacher", dtype=torch.bfloat16).eval()

@@ -36,7 +36,8 @@ def prepare(folder):
     """Download the wheels NEEDED, without their dependencies (the GPU machine's image has torch, numpy, pandas,
     pyarrow, tokenizers, safetensors and huggingface_hub), for its Python 3.12 on x86-64 Linux."""
     folder.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version=3.12",
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--python-version=3.12",
                     "--platform=manylinux2014_x86_64", "--platform=manylinux_2_28_x86_64", "--platform=any",
                     "--implementation=cp", "-d", str(folder), *NEEDED], check=True)
 
@@ -54,8 +55,8 @@ def install_carried(folder, log):
         pass
     if not folder.is_dir():
         return f"not installed: no {folder} (run python gpu_check.py --prepare where the network is, then carry it)"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", f"--find-links={folder}",
-                             *NEEDED],
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                             f"--find-links={folder}", *NEEDED],
                             capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)
     return "installed from " + str(folder) if result.returncode == 0 else f"pip install failed (see {log.name})"
@@ -103,7 +104,8 @@ def run_args(models, out_dir):
 
 def measured_train(argv):
     """Run in a child process: train_small.train on argv with the peak GPU memory of each of memory_plan's moments
-    (torch.cuda.max_memory_allocated inside the ranges a run marks with memory_plan.moment), printed as one JSON line beside memory_plan.plan's totals for the same config (GiB). The plan counts
+    (torch.cuda.max_memory_allocated inside the ranges a run marks with memory_plan.moment), printed as one JSON
+    line beside memory_plan.plan's totals for the same config (GiB). The plan counts
     a 2 GiB allowance for the CUDA context and NCCL that the allocator does not see."""
     from contextlib import contextmanager
 

@@ -161,7 +161,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     L_roll, L_eval = length(cfg.max_new_tokens), length(cfg.eval_max_new_tokens)
     teacher_sharded = fsdp and cfg.teacher_sharding == "shard"
     Ns, Nt, V = student.params, teacher.params, student.vocab
-    # compile: each model keeps its last static cache (trb_fast.DecodeState) through the loss and evaluation
+    # compile: each model keeps its last static cache (trb_fast.Decoding) through the loss and evaluation
     kept = {"student": max(pad(roll_rows) * L_roll, pad(eval_rows) * L_eval) * student.kv_per_token,
             "teacher": pad(roll_rows) * L_roll * teacher.kv_per_token} if compiled else {"student": 0, "teacher": 0}
 

@@ -101,7 +101,8 @@ class SingleDevice:
         if self.dtype == torch.float32:
             return student
         if self._decoding_copy is None:
-            self._decoding_copy = models.to_compute_dtype(copy.deepcopy(student), self.dtype).eval().requires_grad_(False)
+            copied = models.to_compute_dtype(copy.deepcopy(student), self.dtype)
+            self._decoding_copy = copied.eval().requires_grad_(False)
         for target, source in zip(self._decoding_copy.parameters(), student.parameters()):
             target.copy_(source)
         return self._decoding_copy
@@ -200,8 +201,8 @@ def trimmed(rollout, mask, rows, P):
 
 def teacher_view_sums(teacher_logits, tokens, mask):
     """Sums over completion tokens (mask (B, N)) of log pi_T(sampled token) and of the teacher's entropy, from
-    teacher_logits (B, N, V): the diagnostics of docs/method.md section 7, for every method (even when the rollout did not
-    run the teacher)."""
+    teacher_logits (B, N, V): the diagnostics of docs/method.md section 7, for every method (even when the rollout did
+    not run the teacher)."""
     log_pt = torch.log_softmax(teacher_logits.float(), -1)  # (B, N, V)
     logprob = log_pt.gather(-1, tokens[..., None])[..., 0][mask].sum().item()
     entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)[mask].sum().item()
@@ -225,7 +226,8 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
     with models.autocast(cfg), memory_plan.moment("rollout peak"):
-        rollout = evaluation.rollouts(runtime.for_decoding(student), teacher if trb.behavior_needs_teacher(kwargs) else None,
+        behavior_teacher = teacher if trb.behavior_needs_teacher(kwargs) else None  # online only when the policy asks
+        rollout = evaluation.rollouts(runtime.for_decoding(student), behavior_teacher,
                            input_ids, prompt_mask,
                            cfg.rollout_batch_size, runtime, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
@@ -295,7 +297,8 @@ def train(cfg, runtime=None):
     found = checkpoints.checkpoints_to_resume(cfg, runtime)  # before any model loads: a relaunch may stop here
     tokenizer, train_split, held_out, student, teacher, teacher_scores = load(cfg, runtime)
     eos_ids = models.stop_token_ids(tokenizer, student, teacher)
-    generator = torch.Generator(next(student.parameters()).device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
+    device = next(student.parameters()).device
+    generator = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
     optimizer = make_optimizer(student, cfg)
     checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main)

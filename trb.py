@@ -181,7 +181,8 @@ def opd_loss(student_logits, teacher_logits, mask, topk=0):
 
 def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, topk, eos_ids):
     """Sum of per-position KL for one chunk of positions: (n, Hs), (V, Hs), (n, Ht), (V, Ht) -> scalar. The heads'
-    logits are float32 even under autocast (trb_fast.head_logits); the exact KL owns the teacher's (trb_fast.ReverseKL)."""
+    logits are float32 even under autocast (trb_fast.head_logits); the exact KL overwrites the teacher's in place
+    (trb_fast.ReverseKL)."""
     student_logits = canonicalise_eos(trb_fast.head_logits(student_hidden, student_head_weight), eos_ids)  # (n, V)
     with torch.no_grad():
         teacher_logits = canonicalise_eos(trb_fast.head_logits(teacher_hidden, teacher_head_weight), eos_ids)  # (n, V)
@@ -425,7 +426,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     (B, P), device = input_ids.shape, input_ids.device
     models = [student] + ([teacher] if use_teacher else [])
     vocab_size = vocab_size or min(m.get_output_embeddings().weight.shape[0] for m in models)
-    rows = decoding.state.rows(B)  # B, or more: extra rows (copies of row 0) are done from the start
+    rows = decoding.rows(B)  # B, or more: extra rows (copies of row 0) are done from the start
     input_ids, attention_mask = (torch.cat([x, x[:1].expand(rows - B, -1)]) for x in (input_ids, attention_mask))
 
     def noise():  # (draws, rows, V) Exp(1) for the Gumbel-max draw (see _sample), drawn for the B real rows only
@@ -438,7 +439,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed. A static cache's mask
     #    spans the whole cache (its future columns are masked causally); a dynamic one's grows by a column per token.
     length = trb_fast.static_cache_length(P, max_new_tokens) if decoding.cache == "static" else P
-    caches = decoding.state.new_caches(models, rows, length)
+    caches = decoding.new_caches(models, rows, length)
     mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
     logits = [_last_logits(m, input_ids, mask, position_ids(attention_mask), c, vocab_size)  # per model (rows, V)
               for m, c in zip(models, caches)]
@@ -463,7 +464,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         # 4. Feed the token to both caches.
         if decoding.cache == "dynamic":
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = decoding.state.feed(_feed, models, caches, token, mask, positions, vocab_size)
+        logits = decoding.feed(_feed, models, caches, token, mask, positions, vocab_size)
         positions = positions + 1
     # The columns as (B, N) tensors of the real rows (N = 0: an empty one of the field's dtype).
     stacked = {name: torch.stack(column, dim=1)[:B] if column else torch.empty(B, 0, dtype=ROLLOUT_COLUMNS[name],

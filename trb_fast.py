@@ -5,8 +5,9 @@ The fast paths behind trb.py, each tested against the plain reference it stands 
   call to call. Reference: trb.solve_beta_bisect, the paper's bisection, run in float64 by the tests.
 - head_logits and ReverseKL: trb.chunked_opd_loss's memory path, float32 logits of a bf16 head without a float32
   copy of it, and the exact KL with its analytic gradient in place. Reference: trb.opd_loss on full logits.
-- DecodeState: what blended_generate keeps between calls for speed, the static KV caches and the compiled per-token
-  forward, with row padding so that a run compiles few shapes. Reference: the eager step with a dynamic cache.
+- Decoding: blended_generate's options and what they keep between calls for speed, the static KV caches and the
+  compiled per-token forward, with row padding so that a run compiles few shapes. Reference: the eager step with a
+  dynamic cache.
 
 Nothing here changes a result: every shortcut skips only work whose outcome every row would mask out, and every
 compiled or cached path gives the eager, uncached tokens (tests/test_fast_decode.py, tests/test_math.py).
@@ -14,7 +15,7 @@ compiled or cached path gives the eager, uncached tokens (tests/test_fast_decode
 import math
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,7 +59,8 @@ class _Blend:
     [exp(beta r)] and E_mu[r^k], k = 1, 2, 3, the inputs of KL(beta) = beta E_mu[r] - A(beta) and its derivatives.
     At eps ~ 1e-4 that KL is ~1e3 times smaller than the terms of a log-space evaluation, whose float32 rounding of
     log pi_S + beta r (|.| ~ 16) then swamps it. So the default evaluation is relative to pi_S,
-        A = log1p( sum_a pi_S(a) (exp(beta r(a)) - 1) ),   E_mu[r^k] = (E_S[r^k] + sum_a pi_S(a) (exp(beta r(a)) - 1) r^k) / Z,
+        A = log1p( sum_a pi_S(a) (exp(beta r(a)) - 1) ),
+        E_mu[r^k] = (E_S[r^k] + sum_a pi_S(a) (exp(beta r(a)) - 1) r^k) / Z,
     where every term is O(beta r) and its rounding (~6e-8 absolute, random) is weighted by pi_S, which keeps the KL to
     ~1e-5 relative. Rows where exp(beta r) could overflow (beta max r > 60: logits in the thousands) use the log-space
     form with a max shift and float64 accumulators.
@@ -147,7 +149,8 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50, works
     t = teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
 
     # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
-    log_ps, r, ps, work, scratch = (workspace or WORKSPACE).buffers(s.shape, dtype, s.device)  # (B, V) each, overwritten here
+    # (B, V) each, overwritten here
+    log_ps, r, ps, work, scratch = (workspace or WORKSPACE).buffers(s.shape, dtype, s.device)
     torch.log_softmax(s, dim=-1, out=log_ps)
     torch.log_softmax(t, dim=-1, out=r).sub_(log_ps)  # normalised first: raw t - s loses digits at |logit| ~ 1e3
     torch.exp(log_ps, out=ps)
@@ -330,21 +333,39 @@ def padded_rows(rows):
     return 1 << max(rows - 1, 0).bit_length()
 
 
-class DecodeState:
+@dataclass
+class Decoding:
     """
-    What blended_generate keeps between calls under one trb.Decoding: with cache "static", one StaticCache per model
-    for static_cache_length(P, N) positions; with compile, the per-token forward under torch.compile (CUDA graphs on
-    a GPU) and each model's static cache, kept and reset while its shape stays the same, since a compiled step, and
-    CUDA graphs above all, is specialised to the cache's buffers. Kept caches stay allocated between calls, through
-    the loss and evaluation (the memory plan counts them). Compiled code is specialised to its input shapes too, and
-    dynamo stops after 8 of them for one function in one process (its recompile limit), so compiled calls pad their
-    rows to a power of two (padded_rows) and caches take few lengths: a training run with its evaluations needs about
-    six. If a compile fails all the same, one warning says so and decoding goes on eagerly.
+    How blended_generate decodes: options that change its speed and memory, never its tokens (tested), and what they
+    keep from one call to the next. Use one object for a whole run.
+    stop_check_every: ask all_finished only every this many tokens (each ask may be a collective and a host sync);
+        rows done meanwhile emit pad_token_id, outside completion_mask.
+    cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
+        preallocated for static_cache_length(P, max_new_tokens) positions).
+    compile: torch.compile both models' per-token forwards as one step (CUDA graphs on a GPU); needs the static
+        cache. The token rule always runs eagerly: its solver stops once every row has converged, which a graph
+        cannot. A compiled step, and CUDA graphs above all, is specialised to the caches' buffers, so each model's
+        static cache is kept and reset while its shape stays the same; kept caches stay allocated between calls,
+        through the loss and evaluation (the memory plan counts them). Compiled code is specialised to its input
+        shapes too, and dynamo stops after 8 of them for one function in one process (its recompile limit), so
+        compiled calls pad their rows to a power of two (padded_rows; the extra rows are done from the start and draw
+        no noise) and caches take few lengths: a training run with its evaluations needs about six. If a compile
+        fails all the same, one warning says so and decoding goes on eagerly (`failed`).
+    compile_backend: torch.compile's backend; "eager" keeps dynamo's guards and limits without code generation.
     """
+    stop_check_every: int = 1
+    cache: str = "dynamic"
+    compile: bool = False
+    compile_backend: str = "inductor"
 
-    def __init__(self, cache, compile, backend):
-        self.cache, self.compile, self.backend = cache, compile, backend
-        self.compiled, self.mode, self.failed = None, None, False
+    def __post_init__(self):
+        if self.stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("compile=True needs cache='static' (a growing cache changes shape at every token)")
+        self.compiled, self.mode, self.failed = None, None, False  # the compiled forward, its mode, a failed compile
         self.kept = weakref.WeakKeyDictionary()  # model -> (rows, length, its StaticCache), with compile only
 
     def rows(self, batch_rows):
@@ -375,8 +396,9 @@ class DecodeState:
             return feed(*args)
         if self.compiled is None:
             cuda = args[2].device.type == "cuda"  # args: models, caches, token, ...
-            self.mode = "reduce-overhead" if cuda and self.backend == "inductor" else None  # CUDA graphs
-            self.compiled = torch.compile(feed, fullgraph=True, dynamic=False, mode=self.mode, backend=self.backend)
+            self.mode = "reduce-overhead" if cuda and self.compile_backend == "inductor" else None  # CUDA graphs
+            self.compiled = torch.compile(feed, fullgraph=True, dynamic=False, mode=self.mode,
+                                          backend=self.compile_backend)
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs have been consumed
         try:
@@ -386,34 +408,3 @@ class DecodeState:
             warnings.warn(f"compile=True: the compiled decode step failed ({type(error).__name__}: "
                           f"{(str(error).splitlines() or [''])[0][:200]}); decoding goes on eagerly")
             return feed(*args)
-
-
-@dataclass
-class Decoding:
-    """
-    How blended_generate decodes: options that change its speed and memory, never its tokens (tested), and the state
-    they keep from one call to the next (DecodeState). Use one object for a whole run.
-    stop_check_every: ask all_finished only every this many tokens (each ask may be a collective and a host sync);
-        rows done meanwhile emit pad_token_id, outside completion_mask.
-    cache: "dynamic" (transformers' DynamicCache, grown token by token) or "static" (one StaticCache per model,
-        preallocated for static_cache_length(P, max_new_tokens) positions).
-    compile: torch.compile both models' per-token forwards as one step (CUDA graphs on a GPU); needs the static
-        cache. Rows are padded to a power of two (the extra rows are done from the start and draw no noise), caches
-        are kept between calls, and a compile that fails warns once and decoding goes on eagerly. The token rule
-        always runs eagerly: its solver stops once every row has converged, which a graph cannot.
-    compile_backend: torch.compile's backend; "eager" keeps dynamo's guards and limits without code generation.
-    """
-    stop_check_every: int = 1
-    cache: str = "dynamic"
-    compile: bool = False
-    compile_backend: str = "inductor"
-    state: "DecodeState" = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        if self.stop_check_every < 1:
-            raise ValueError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
-        if self.cache not in ("dynamic", "static"):
-            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
-        if self.compile and self.cache != "static":
-            raise ValueError("compile=True needs cache='static' (a growing cache changes shape at every token)")
-        self.state = DecodeState(self.cache, self.compile, self.compile_backend)

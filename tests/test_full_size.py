@@ -303,8 +303,8 @@ def long_context_folders(tmp_path_factory):
     for name, seed in (("student", 1), ("teacher", 2)):
         config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                              num_attention_heads=1, num_key_value_heads=1, head_dim=128, rope_theta=1e6,
-                             max_position_embeddings=8192, tie_word_embeddings=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+                             max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         torch.manual_seed(seed)
         Qwen3ForCausalLM(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

@@ -4,6 +4,7 @@ held-out pass@1 of the student alone, and the greedy completions of the shown pr
 (train_small.SingleDevice or train_fsdp.FSDP) for what several processes must do together.
 """
 from contextlib import nullcontext
+from dataclasses import fields
 from types import SimpleNamespace
 
 import torch
@@ -33,7 +34,21 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
                                       attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
                                       decoding=runtime.decoding, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
-    return trb.Rollout.cat(parts, kwargs.get("pad_token_id"))
+    return cat_rollouts(parts, kwargs.get("pad_token_id"))
+
+
+def cat_rollouts(parts, pad_token_id=None):
+    """Rollouts of different rows as one trb.Rollout: each part's N columns right-padded to the longest part (with
+    pad_token_id in sequences, zeros elsewhere), all outside completion_mask."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(part.completion_mask.shape[1] for part in parts)
+
+    def padded(part, name):
+        value = (pad_token_id or 0) if name == "sequences" else 0
+        return torch.nn.functional.pad(getattr(part, name), (0, width - part.completion_mask.shape[1]), value=value)
+
+    return trb.Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(trb.Rollout)})
 
 
 @torch.no_grad()

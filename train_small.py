@@ -40,6 +40,7 @@ import math_data
 import memory_plan
 import models
 import trb
+import trb_fast
 from config import die, load_config
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def forward_completions(model, sequences, mask, P, V, hidden):
     caught = []
     handle = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out[0]))
     try:
-        model(**inputs, logits_to_keep=trb.last_position(sequences))
+        model(**inputs, logits_to_keep=trb_fast.last_position(sequences))
     finally:
         handle.remove()
     return caught[0][:, P - 1:-1]  # (B, N, H)

@@ -320,8 +320,8 @@ def skd_token_rule(top_k, teacher_temperature):
 def _last_logits(model, ids, mask, positions, cache, vocab_size):
     """One forward of a model with its KV cache (updated in place): (B, V) float32 logits of the last position, on the
     shared tokenizer range."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=trb_fast.last_position(ids))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=trb_fast.last_position(ids), **{trb_fast.CACHE_KEYWORD: cache})
     return out.logits[:, -1, :vocab_size].float()
 
 

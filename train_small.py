@@ -360,7 +360,7 @@ def train(cfg, runtime=None):
         log.record(row)
         if runtime.engine and runtime.engine.has_teacher and row["step"] < cfg.max_steps \
                 and not teacher_needed(cfg, row["step"]):
-            runtime.engine.drop_teacher(student)  # the budget is 0 from here on: the engine holds the student alone
+            runtime.engine.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
         if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
             runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, optimizer, generator,

@@ -9,9 +9,9 @@ forward returns both stacks' last hidden states side by side; its compute_logits
 heads cut to the shared tokenizer range and divided by the temperature, the EOS ids merged (trb.canonicalise_eos),
 beta* solved per row (trb.solve_beta) and log mu_beta* returned (trb.blend_logprobs), head rows beyond the tokenizer
 at -inf. vLLM then samples at temperature 1 (or greedily), so its tokens follow mu* exactly and its log-probs are
-log mu*(token). eps and the temperature are set on the model between requests (Engine.set_step). Without a teacher
-the class is the student alone (no teacher weights, no teacher KV cache): what OPD and evaluation use, and what TRB
-switches to once its budget has reached 0 for good.
+log mu*(token). eps and the temperature are set on the model between requests (WorkerExtension.trb_set_step).
+Without a teacher the class is the student alone (no teacher weights, no teacher KV cache): what a policy that never
+runs the teacher (OPD) gets. TRB's engine stops running the teacher's stack once the budget is 0 for good.
 
 Weights: the student's reach the engine after every optimizer step through vLLM's in-place reload, followed by a
 prefix-cache reset (the cached keys and values are the old student's). Everything runs in the calling process
@@ -19,7 +19,6 @@ prefix-cache reset (the cached keys and values are the old student's). Everythin
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -57,14 +56,15 @@ def _model_class():
             if config.trb_teacher:
                 self.teacher = Qwen3ForCausalLM(vllm_config=vllm_config.with_hf_config(
                     Qwen3Config(**config.trb_teacher), ["Qwen3ForCausalLM"]), prefix="teacher")
-            self.eps, self.tau, self.token_rule = 0.0, 1.0, trb.blend_token_rule
+            self.eps, self.tau = 0.0, 1.0
+            self.teacher_off = False  # true once the budget is 0 for good: the teacher's stack is not run again
 
         def embed_input_ids(self, input_ids):
             return self.student.embed_input_ids(input_ids)
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
             hidden = self.student(input_ids, positions, intermediate_tensors, inputs_embeds)  # (T, Hs)
-            if self.teacher is None:
+            if self.teacher is None or self.teacher_off:
                 return hidden
             return torch.cat([hidden, self.teacher(input_ids, positions)], dim=-1)  # (T, Hs + Ht)
 
@@ -75,7 +75,7 @@ def _model_class():
         def compute_logits(self, hidden_states):
             hs = self.student.config.hidden_size
             student_logits = self._head(self.student, hidden_states[:, :hs])
-            if self.teacher is None or (self.eps == 0 and self.token_rule is trb.blend_token_rule):
+            if self.teacher is None or self.teacher_off or self.eps == 0:
                 log_mu = torch.log_softmax(student_logits, dim=-1)
             else:
                 teacher_logits = self._head(self.teacher, hidden_states[:, hs:])
@@ -115,6 +115,9 @@ class WorkerExtension:
         model = self.model_runner.get_model()
         model.eps, model.tau = float(eps), float(tau)
 
+    def trb_drop_teacher(self):
+        self.model_runner.get_model().teacher_off = True
+
     def trb_load_student(self, named_tensors):
         """Reload the student's weights in place from (HF name, tensor) pairs."""
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
@@ -151,6 +154,25 @@ def write_folder(folder, student_dir, teacher_dir, vocab_size, eos_ids):
     return folder
 
 
+def _full(tensor):
+    """A parameter's whole tensor: FSDP2 shards are DTensors (full_tensor all-gathers them, on every rank at once)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+@torch.no_grad()
+def save_model(model, folder):
+    """config.json and model.safetensors of a Hugging Face model, sharded by FSDP or not (every rank must call it); a
+    tied head is left out, as save_pretrained does."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {name: _full(t).detach().contiguous().cpu() for name, t in model.state_dict().items()
+             if not (tied and name == "lm_head.weight")}
+    model.config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _teacher_folder(cfg, teacher, folder):
     """A local folder of the teacher's safetensors: cfg.teacher itself, the hub cache's copy, or one written here."""
     if os.path.isdir(os.path.expanduser(cfg.teacher)):
@@ -161,7 +183,7 @@ def _teacher_folder(cfg, teacher, folder):
             return Path(snapshot_download(cfg.teacher, local_files_only=True))
         except Exception:  # noqa: BLE001 - not in the hub cache under that name: write it below
             pass
-    teacher.save_pretrained(folder / "teacher")
+    save_model(teacher, folder / "teacher")
     return folder / "teacher"
 
 
@@ -196,43 +218,54 @@ class Engine:
         self.folder = Path(folder)
         self.device = next(student.parameters()).device
         self.dtype = "float32" if self.device.type == "cpu" else "bfloat16"
-        student.save_pretrained(self.folder / "student")
+        save_model(student, self.folder / "student")
         self.teacher_dir = _teacher_folder(cfg, teacher, self.folder) if with_teacher else None
-        self.llm = self._start(student)
+        self.teacher_on = with_teacher
+        self.llm = self._start()
 
-    def _start(self, student):
+    def _start(self):
         from vllm import LLM
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.vllm_cpu_kv_cache_gib))
         folder = write_folder(self.folder / "engine", self.folder / "student", self.teacher_dir, self.vocab_size,
                               self.eos_ids)
         cuda = self.device.type == "cuda"
         max_len = self.cfg.max_prompt_tokens + max(self.cfg.max_new_tokens, self.cfg.eval_max_new_tokens)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        # Under torchrun: one engine per rank (tensor-parallel 1) in torchrun's own processes, as data-parallel ranks
+        # of vLLM's external launcher; each decodes its own prompts (ranks whose rows differ in length do not wait
+        # for each other: tests/test_vllm_engine.py).
+        distributed = dict(distributed_executor_backend="external_launcher", data_parallel_size=world) if world > 1 \
+            else {}
+        # CUDA graphs piecewise, around the compiled decoder stacks and not across the whole forward, so that the
+        # forward's Python still decides whether the teacher's stack runs (drop_teacher).
+        graphs = dict(compilation_config={"cudagraph_mode": "PIECEWISE"}) if cuda and self.teacher_dir else {}
         return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
-                   enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda,
+                   enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
                    gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
-                   worker_extension_cls="vllm_engine.WorkerExtension")
+                   worker_extension_cls="vllm_engine.WorkerExtension", **distributed)
 
     @property
     def has_teacher(self):
-        return self.teacher_dir is not None
+        """Whether the engine still runs the teacher."""
+        return self.teacher_on
 
-    def drop_teacher(self, student):
-        """Restart as the student alone (its current weights): the teacher is not run again."""
-        import gc
-        del self.llm
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        student.save_pretrained(self.folder / "student")
-        self.teacher_dir = None
-        self.llm = self._start(student)
+    def drop_teacher(self):
+        """The teacher's stack is not run again (the budget is 0 from here on). Its weights stay where they are: a
+        restart without them would tear down torchrun's process group with vLLM's own (seen on vLLM 0.32)."""
+        self.llm.collective_rpc("trb_drop_teacher")
+        self.teacher_on = False
+
+    def close(self):
+        """Shuts the engine down now rather than at interpreter exit. Under torchrun vLLM's teardown also closes the
+        default process group (torchrun's), so the trainer closes it only if it is still open."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     @torch.no_grad()
     def sync(self, student):
         """The student's current weights into the engine, in place; then the prefix cache is reset (its keys and values
         are the old student's)."""
         dtype = getattr(torch, self.dtype)
-        weights = [(name, tensor.detach().to(dtype)) for name, tensor in student.state_dict().items()]
+        weights = [(name, _full(tensor).detach().to(dtype)) for name, tensor in student.state_dict().items()]
         self.llm.collective_rpc("trb_load_student", args=(weights,))
         self.llm.reset_prefix_cache()
 
@@ -258,7 +291,7 @@ class Engine:
             raise ValueError("engine: vllm runs the blend (opd, trb, fixed_eps, temperature_warmup, teacher); "
                              "another token rule (skd) needs engine: hf")
         if eps > 0 and not self.has_teacher:
-            raise ValueError(f"engine: eps {eps} > 0 needs the teacher, which this engine no longer holds")
+            raise ValueError(f"engine: eps {eps} > 0 needs the teacher, which this engine no longer runs")
         self.llm.collective_rpc("trb_set_step", args=(eps, temperature or 1.0))
         params = [SamplingParams(n=n, temperature=1.0 if temperature else 0.0, max_tokens=max_new_tokens,
                                  stop_token_ids=self.eos_ids, logprobs=0, detokenize=False, seed=seed + i)

@@ -257,7 +257,8 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     student.eval()
     with models.autocast(cfg), memory_plan.moment("rollout peak"):
         behavior_teacher = teacher if trb.behavior_needs_teacher(kwargs) else None  # online only when the policy asks
-        rollout = evaluation.rollouts(runtime.for_decoding(student), behavior_teacher, input_ids, prompt_mask,
+        decoder = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
+        rollout = evaluation.rollouts(decoder, behavior_teacher, input_ids, prompt_mask,
                                       cfg.rollout_batch_size, runtime, engine=runtime.engine,
                                       max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
                                       pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
@@ -406,7 +407,7 @@ def load(cfg, runtime):
 def evaluate_at(step, student, tokenizer, held_out, cfg, eos_ids, runtime, log):
     """The student's held-out pass@1 and greedy accuracy at `step`, after logging its completions of the shown
     problems (the same ones at every evaluation)."""
-    model = runtime.for_decoding(student)
+    model = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
     log.samples(step, "student", evaluation.sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime,
                                                                runtime.engine))
     return evaluation.evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime, runtime.engine)

@@ -10,6 +10,8 @@ leaves the others' figures:
               tokens per row, from model folders written here, with the measured peak memory of each moment (rollout,
               training, evaluation; torch.cuda.max_memory_allocated) beside memory_plan.py's figure for the same config.
   3. fsdp     torchrun --nproc_per_node=1 train_fsdp.py on NCCL for 2 steps on the same folders.
+  4. engine   bench.py engine at 1.7B <- 8B, 64 rows, 4096 new tokens: the vLLM engine's tokens/s against the HF
+              loop's static path, where vLLM is installed (pip install vllm==0.33.0); skipped where it is not.
 
     python gpu_check.py --out=gpu_report                 # writes gpu_report/report.md and one log per part
     python gpu_check.py --prepare                        # on a machine with the network: wheels into .whl/
@@ -158,7 +160,7 @@ def main():
     parser.add_argument("--out", default="gpu_report", help="folder for report.md and the parts' logs")
     parser.add_argument("--models", default="/tmp/trb_gpu_check", help="where the random-weight folders are written")
     parser.add_argument("--prepare", action="store_true", help="download the wheels into .whl/ and stop")
-    parser.add_argument("--parts", default="decode,train,fsdp")
+    parser.add_argument("--parts", default="decode,train,fsdp,engine")
     parser.add_argument("--_measured_train", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measured_train is not None:
@@ -211,6 +213,17 @@ def main():
                   if "loss" in line] if (out / "run_fsdp" / "metrics.jsonl").exists() else []
         lines += [f"## 3. torchrun --nproc_per_node=1 train_fsdp.py (NCCL), 2 steps: {status}, {seconds:.0f} s", "",
                   f"losses {losses}", ""]
+    if "engine" in parts:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            lines += ["## 4. engine: skipped (vLLM is not installed in this Python)", ""]
+        else:
+            status, seconds, output = part("engine", [sys.executable, "bench.py", "engine", "--device=cuda",
+                                                      "--dtype=bfloat16", "--pairs=1.7B:8B", "--batch=64",
+                                                      "--new_tokens=4096", "--prompt_tokens=128", "--runs=1"], 400, out)
+            table = [line for line in output.splitlines() if line.startswith(("vLLM engine", "  "))]
+            lines += [f"## 4. engine: {status}, {seconds:.0f} s", "", "```", *table, "```", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

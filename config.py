@@ -15,6 +15,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -242,6 +243,31 @@ def usage():
     lines = ["usage: python train_small.py [--config=PATH] [--key=value ...]   (the same for train_fsdp.py)", ""]
     lines += [f"  --{name}={f.type.__name__:6s} {f.metadata['meaning']}" for name, f in FIELDS.items()]
     return "\n".join(lines)
+
+
+def parse_flags(argv, flags, usage_line):
+    """
+    The --key=value arguments of a tool script (prepare_data.py, evaluate.py; the training scripts read a Config):
+    `flags` maps each key to (type, default, meaning), default None for a required key. --help prints them; an
+    argument of another form, an unknown key, a value of the wrong type or a missing required key stops with one line.
+    """
+    if any(arg in ("-h", "--help") for arg in argv):
+        lines = [usage_line, ""] + [f"  --{name}={kind.__name__:6s} {meaning}" + (" (required)" if default is None else
+                                    f" (default: {default})") for name, (kind, default, meaning) in flags.items()]
+        print("\n".join(lines))
+        sys.exit(0)
+    values = {name: default for name, (_, default, _) in flags.items()}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"arguments must look like --key=value, got {arg!r}")
+        name, raw = arg[2:].split("=", 1)
+        if name not in flags:
+            die(f"--{name}: unknown argument (--help lists them)")
+        values[name] = parse_value(f"--{name}", raw, flags[name][0])
+    for name, value in values.items():
+        if value is None:
+            die(f"--{name}: required (--help lists every argument)")
+    return SimpleNamespace(**values)
 
 
 def load_config(argv):

@@ -21,8 +21,9 @@ def ot3_rows():
     for i in range(30):
         domain = DOMAINS[i % 3]
         for trace in range(2 if domain == "math" else 1):
+            trace_text = f"<think>trace {trace}</think> \\boxed{{{2 * i}}}"
             rows.append({"conversations": [{"from": "human", "value": f"Problem {i}: what is {i}+{i}?"},
-                                           {"from": "gpt", "value": f"<think>trace {trace}</think> \\boxed{{{2 * i}}}"}],
+                                           {"from": "gpt", "value": trace_text}],
                          "domain": domain, "source": f"src{i % 2}", "difficulty": i % 10})
     rows.append({"conversations": [{"from": "gpt", "value": "an answer without its question"}], "domain": "math",
                  "source": "src0", "difficulty": 1})
@@ -73,7 +74,8 @@ def test_domain_filter_and_too_few_prompts(ot3_jsonl, tmp_path, capsys):
     """--domain keeps that domain only, and says how many rows of other domains it dropped; asking for more prompts
     than remain stops with one line naming --n and writes nothing."""
     lines = prepare(capsys, f"--source={ot3_jsonl}", f"--out={tmp_path / 'math.jsonl'}", "--n=10", "--domain=math")
-    assert lines[1] == "dropped: 20 of other domains (--domain=math), 10 exact duplicate prompts, 1 without a human turn"
+    assert lines[1] == ("dropped: 20 of other domains (--domain=math), 10 exact duplicate prompts, 1 without a human "
+                        "turn")
     assert {r["domain"] for r in read_jsonl(tmp_path / "math.jsonl")} == {"math"}
     with pytest.raises(SystemExit):
         prepare_data.main([f"--source={ot3_jsonl}", f"--out={tmp_path / 'many.jsonl'}", "--n=11", "--domain=math"])

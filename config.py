@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import yaml
 
+import tracking
 import trb
 
 DEFAULT_PATH = Path(__file__).with_name("config.yaml")
@@ -128,6 +129,9 @@ class Config:
                                 "to the one before)", at_least(1))
     resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
     overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
+    report_to: str = key("metrics tracker of every metrics.jsonl row and the shown completions: none, tensorboard, "
+                         "wandb or trackio (an optional package each: requirements-dev.txt)",
+                         one_of(*tracking.REPORT_TO))
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",
@@ -296,6 +300,9 @@ def load_config(argv):
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
+    if tracking.missing_package(cfg.report_to):  # before any model loads, not at the first logged row
+        die(f"report_to: {cfg.report_to} needs the {tracking.missing_package(cfg.report_to)} package, which is not "
+            f"installed (pip install -r requirements-dev.txt)")
     if cfg.compile and cfg.cache != "static":
         die(f"compile: true needs cache: static, got cache: {cfg.cache}")
     if not synthetic and Path(path).resolve() == DEFAULT_PATH.resolve():

@@ -301,7 +301,7 @@ def train(cfg, runtime=None):
     generator = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
     optimizer = make_optimizer(student, cfg)
     checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
-    log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main)
+    log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
     if start == 0:
         log.samples(0, "teacher", evaluation.sample_completions(teacher, tokenizer, held_out, cfg, eos_ids, runtime))
         log.record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0,

@@ -28,13 +28,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
 
 def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
     """
-    In a copy holding run.sh, a requirements.txt and stand-ins for train_small.py and pytest (each prints the
-    interpreter's prefix, TRB_LAUNCH and its arguments): the first call creates .venv and installs requirements.txt;
-    the next skips setup; arguments reach train_small.py; `test` runs `pytest -q tests`; a changed requirements.txt
-    reinstalls.
+    In a copy holding run.sh, requirements.txt, requirements-dev.txt and stand-ins for train_small.py and pytest
+    (each prints the interpreter's prefix, TRB_LAUNCH and its arguments): the first call creates .venv and installs
+    both files; the next skips setup; arguments reach train_small.py; `test` runs `pytest -q tests`; a change to
+    either file reinstalls.
     """
     shutil.copy(ROOT / "run.sh", tmp_path)
-    (tmp_path / "requirements.txt").write_text("# nothing to install: the stand-ins need no package\n")
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        (tmp_path / name).write_text("# nothing to install: the stand-ins need no package\n")
     stand_in = "import os, sys; print(sys.prefix, os.environ['TRB_LAUNCH'], *sys.argv[1:])\n"
     (tmp_path / "train_small.py").write_text(stand_in)
     (tmp_path / "pytest.py").write_text(stand_in)  # `python -m pytest` finds it first: the cwd leads sys.path
@@ -51,6 +52,8 @@ def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
     assert "setting up .venv" in first.stderr and first.stdout.split() == [venv, "./run.sh", "--max_steps=1"]
     again = run_sh("test", "-x")
     assert "setting up" not in again.stderr and again.stdout.split() == [venv, "./run.sh", "-q", "tests", "-x"]
-    with open(tmp_path / "requirements.txt", "a") as f:
-        f.write("# changed\n")
-    assert "setting up .venv" in run_sh().stderr
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        with open(tmp_path / name, "a") as f:
+            f.write("# changed\n")
+        assert "setting up .venv" in run_sh().stderr
+        assert "setting up" not in run_sh().stderr

@@ -17,8 +17,10 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
 Read top-down: the data order, the hooks where train_fsdp.py differs, the training step, then the run: train() is
 its loop. Elsewhere: config.py (every key, its type, check and meaning), models.py (loading the models, dtypes, stop
 ids), math_data.py (prompts, real datasets, answer checking), evaluation.py (decoding in calls, held-out pass@1, the
-shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary), synthetic_task.py
-(the embedded offline task and its cached teacher and student), compare.py (--compare over seeds).
+shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary), tracking.py (the logs
+to TensorBoard, wandb or trackio: report_to), synthetic_task.py (the embedded offline task and its cached teacher and
+student), compare.py (--compare over seeds). prepare_data.py writes the paper's training prompts and evaluate.py runs
+the paper's evaluation suites on the exported student or every checkpoint.
 """
 import copy
 import json

@@ -256,8 +256,10 @@ def parse_flags(argv, flags, usage_line):
     argument of another form, an unknown key, a value of the wrong type or a missing required key stops with one line.
     """
     if any(arg in ("-h", "--help") for arg in argv):
-        lines = [usage_line, ""] + [f"  --{name}={kind.__name__:6s} {meaning}" + (" (required)" if default is None else
-                                    f" (default: {default})") for name, (kind, default, meaning) in flags.items()]
+        shown = lambda default: " (required)" if default is None else "" if default == "" else f" (default: {default})"
+        width = max(len(f"--{name}={kind.__name__}") for name, (kind, _, _) in flags.items())
+        lines = [usage_line, ""] + [f"  {f'--{name}={kind.__name__}':{width}s}  {meaning}{shown(default)}"
+                                    for name, (kind, default, meaning) in flags.items()]
         print("\n".join(lines))
         sys.exit(0)
     values = {name: default for name, (_, default, _) in flags.items()}

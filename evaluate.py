@@ -215,7 +215,7 @@ def stop_ids(name, tokenizer):
     from transformers import GenerationConfig
     try:
         generation = GenerationConfig.from_pretrained(os.path.expanduser(name))
-    except OSError:  # a model without generation_config.json stops at its tokenizer's EOS
+    except (OSError, ValueError):  # a model without generation_config.json stops at its tokenizer's EOS
         generation = None
     return models.stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation))
 
@@ -233,8 +233,9 @@ def load_model(source, base, args, dtype):
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     missing = [k for k in wanted if f"model.{k}" not in stored]
     filled = {wanted[k].data_ptr() for k in wanted if k not in missing}
-    if any(wanted[k].data_ptr() not in filled for k in missing):  # a missing tensor no stored one shares storage with
-        die(f"--run: checkpoint {path} does not hold {missing[0]!r} of --base {base!r}'s model (another model?)")
+    unfilled = [k for k in missing if wanted[k].data_ptr() not in filled]  # not tied to a stored tensor either
+    if unfilled:
+        die(f"--run: checkpoint {path} does not hold {unfilled[0]!r} of --base {base!r}'s model (another model?)")
     with warnings.catch_warnings():  # "no process group: assuming a single process", which is the case here
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
         dcp.load({"model": {k: v for k, v in wanted.items() if k not in missing}}, checkpoint_id=path)

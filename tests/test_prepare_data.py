@@ -138,3 +138,12 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
             prepare_data.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(expected), (argv, err)
+
+
+def test_help_lists_every_argument(capsys):
+    """--help prints every argument with its type, and exits 0."""
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and all(f"--{name}={kind.__name__}" in out
+                                        for name, (kind, _, _) in prepare_data.FLAGS.items())

@@ -6,6 +6,7 @@ Benchmarks for trb.py, each figure a ratio measured side by side in one process 
     python bench.py memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
     python bench.py sampler    # blended_generate vs model.generate on small Qwen3-shaped models
     python bench.py decode --device=cuda --dtype=bfloat16   # rollout tokens/s at Qwen3 shapes: eager/static/compiled
+    python bench.py engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
 
 CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
 """
@@ -307,10 +308,69 @@ def bench_decode(args):
             torch.cuda.empty_cache()
 
 
+def bench_engine(args):
+    """
+    Rollout tokens/s of the vLLM engine (vllm_engine.Engine) against blended_generate with a static cache, side by
+    side on the same prompts and weights: at eps = 0.02 (both models, the blend solved per token) and with the
+    teacher's stack off (the student alone, as after TRB's warmup). No stop ids, so every row decodes N tokens in
+    both. Needs the vLLM environment (.venv-vllm).
+    """
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+    import vllm_engine
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    s_name, t_name = args.pairs.split(",")[0].split(":")
+    student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
+    V, P = student.config.vocab_size, args.prompt_tokens
+    B, N = int(args.batch.split(",")[-1]), int(args.new_tokens.split(",")[-1])
+    g = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(0, V, (B, P), generator=g, device=device)
+    mask = torch.ones_like(ids)
+    folder = Path(tempfile.mkdtemp(prefix="trb_bench_engine_"))
+    vllm_engine.save_model(teacher, folder / "teacher_src")
+    cfg = SimpleNamespace(teacher=str(folder / "teacher_src"), seed=0, max_prompt_tokens=P, max_new_tokens=N,
+                          eval_max_new_tokens=N, vllm_cpu_kv_cache_gib=2, vllm_gpu_memory_utilization=0.5)
+    engine = vllm_engine.Engine(cfg, student, teacher, V, [], folder / "run")
+    decoding = trb.Decoding(cache="static")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        start = time.perf_counter()
+        tokens = fn()
+        sync()
+        return tokens / (time.perf_counter() - start)
+
+    def ours(eps):
+        teacher_model = teacher if eps > 0 else None
+        rollout = trb.blended_generate(student, teacher_model, ids, mask, eps=eps, max_new_tokens=N,
+                                       generator=torch.Generator(device).manual_seed(0), decoding=decoding)
+        return int(rollout.completion_mask.sum())
+
+    def theirs(eps):
+        rollout = engine.rollouts(ids, mask, eps=eps, temperature=1.0, max_new_tokens=N,
+                                  generator=torch.Generator(device).manual_seed(0))
+        return int(rollout.completion_mask.sum())
+
+    where = args.device + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    print(f"vLLM engine vs blended_generate (static cache), {s_name} <- {t_name}, {where}, {args.dtype}, B={B}, "
+          f"prompt {P}, {N} new tokens, temperature 1; tokens/s, medians of {args.runs} interleaved runs")
+    for label, eps in (("eps=0.02, both models", 0.02), ("teacher off, student alone", 0.0)):
+        if eps == 0:
+            engine.drop_teacher()
+        ours(eps), theirs(eps)  # warm-up
+        rates = [(timed(lambda: ours(eps)), timed(lambda: theirs(eps))) for _ in range(args.runs)]
+        hf, vl = (statistics.median(r[i] for r in rates) for i in (0, 1))
+        print(f"  {label:28s} engine {vl:9.0f} tok/s   HF loop {hf:9.0f} tok/s   engine/HF {vl / hf:5.2f}x   "
+              f"runs {[round(r[1] / r[0], 2) for r in rates]}", flush=True)
+    engine.close()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode (default: the first "
-                        "three on CPU, decode on CUDA)")
+    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine (default: "
+                        "the first three on CPU, decode on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
@@ -338,7 +398,8 @@ def main():
     if args.which[:1] == ["_solve_child"]:
         return _solve_child(int(args.which[1]), int(args.which[2]))
     for name in args.which:
-        {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler, "decode": bench_decode}[name](args)
+        {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler, "decode": bench_decode,
+         "engine": bench_engine}[name](args)
         print()
 
 

@@ -49,6 +49,7 @@ POLICY = one_of(*trb.BEHAVIOR_POLICIES)
 POLICIES = ((lambda v: v == "" or all(m in trb.BEHAVIOR_POLICIES for m in v.split(","))),
             "empty or comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
 SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separated integers"
+FRACTION = (lambda v: 0 < v <= 1), "in (0, 1]"
 PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
 NON_EMPTY = (lambda v: v != ""), "a non-empty path"
 EXISTING_IF_PATH = ((lambda v: v == "synthetic" or not _looks_local(v) or os.path.exists(os.path.expanduser(v))),
@@ -87,6 +88,11 @@ class Config:
                      "by compile)", one_of("dynamic", "static"))
     compile: bool = key("torch.compile both models' per-token forwards (CUDA graphs on a GPU; the token rule stays "
                         "eager); needs cache static")
+    engine: str = key("decoder of rollouts and evaluation: hf (trb.blended_generate, the reference) or vllm "
+                      "(vllm_engine.py, in the vLLM environment .venv-vllm)", one_of("hf", "vllm"))
+    vllm_gpu_memory_utilization: float = key("engine vllm on a GPU: the fraction of its memory the engine takes for "
+                                             "both models' weights and its KV pool", FRACTION)
+    vllm_cpu_kv_cache_gib: int = key("engine vllm on a CPU: GiB of its KV pool (VLLM_CPU_KVCACHE_SPACE)", at_least(1))
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))
     micro_batch_size: int = key("rows per loss forward/backward (gradients accumulated); 0 = all rows of the step "
@@ -305,6 +311,8 @@ def load_config(argv):
     if tracking.missing_package(cfg.report_to):  # before any model loads, not at the first logged row
         die(f"report_to: {cfg.report_to} needs the {tracking.missing_package(cfg.report_to)} package, which is not "
             f"installed (pip install -r requirements-dev.txt)")
+    if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in cfg.compare.split(",")):
+        die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")
     if cfg.compile and cfg.cache != "static":
         die(f"compile: true needs cache: static, got cache: {cfg.cache}")
     if not synthetic and Path(path).resolve() == DEFAULT_PATH.resolve():

@@ -4,6 +4,7 @@ held-out pass@1 of the student alone, and the greedy completions of the shown pr
 (train_small.SingleDevice or train_fsdp.FSDP) for what several processes must do together.
 """
 from contextlib import nullcontext
+from dataclasses import fields
 from types import SimpleNamespace
 
 import torch
@@ -22,34 +23,76 @@ def one_process(cfg, decoding=None):
                            all_finished=lambda done: bool(done.all()), sum=list, decoding=decoding or trb.Decoding())
 
 
-def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, **kwargs):
+def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, engine=None, **kwargs):
     """
     trb.blended_generate over (B, P) prompts, `rows_per_call` rows per call (0 = all at once; it bounds the two KV
     caches), with the parameters gathered once for all the calls; the parts are right-padded to the longest and joined.
+    With a vllm_engine.Engine (which holds the student, and the teacher while the policy needs it), one engine call.
     """
+    if engine is not None:
+        return engine.rollouts(input_ids, attention_mask, **kwargs)
     rows_per_call = rows_per_call or input_ids.shape[0]
     with runtime.gathered(student, teacher):
         parts = [trb.blended_generate(student, teacher, input_ids[i:i + rows_per_call],
                                       attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
                                       decoding=runtime.decoding, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
-    return trb.Rollout.cat(parts, kwargs.get("pad_token_id"))
+    return cat_rollouts(parts, kwargs.get("pad_token_id"))
+
+
+def cat_rollouts(parts, pad_token_id=None):
+    """Rollouts of different rows as one trb.Rollout: each part's N columns right-padded to the longest part (with
+    pad_token_id in sequences, zeros elsewhere), all outside completion_mask."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(part.completion_mask.shape[1] for part in parts)
+
+    def padded(part, name):
+        value = (pad_token_id or 0) if name == "sequences" else 0
+        return torch.nn.functional.pad(getattr(part, name), (0, width - part.completion_mask.shape[1]), value=value)
+
+    return trb.Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(trb.Rollout)})
+
+
+def _completions(model, tokenizer, questions, n, temperature, cfg, eos_ids, runtime, generator, engine):
+    """n completions (text) of each formatted question, in order (problem-major), at `temperature` up to
+    eval_max_new_tokens: eval_batch_size rows per blended_generate call, or all of them in one engine request."""
+    if engine is not None:
+        prompts = engine.unpadded(*math_data.encode_prompts(questions, tokenizer, "cpu"))
+        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator, device=generator.device))
+        ids, _ = engine.generate(prompts, eps=0.0, temperature=temperature, max_new_tokens=cfg.eval_max_new_tokens,
+                                 n=n, seed=seed)
+        return tokenizer.batch_decode([c for per_problem in ids for c in per_problem], skip_special_tokens=True)
+    device = next(model.parameters()).device
+    per_call = max(1, cfg.eval_batch_size // n)  # problems per call: n * per_call <= eval_batch_size rows
+    texts = []
+    for i in tqdm(range(0, len(questions), per_call), desc=f"eval rollouts (n={n})", leave=False):
+        batch = math_data.encode_prompts(questions[i:i + per_call], tokenizer, device)
+        input_ids, mask = (x.repeat_interleave(n, 0) for x in batch)  # (n * problems, P)
+        with models.autocast(cfg):
+            rollout = trb.blended_generate(model, None, input_ids, mask, eps=0.0,
+                                           max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
+                                           eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                           generator=generator, vocab_size=len(tokenizer),
+                                           all_finished=runtime.all_finished, decoding=runtime.decoding)
+        texts += tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
+def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None, engine=None):
     """
     Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, decoding
-    eval_batch_size rows per call up to eval_max_new_tokens. Answers are checked with math-verify on real data and by
-    exact match on the embedded task. Under FSDP each rank decodes its share of the problems in lockstep with the
-    others (the same number of calls, each stopping when every rank's rows are done; a rank with fewer problems pads
-    its last call with uncounted ones), so no rank waits for another longer than stop_check_every tokens take; the
-    counts are summed.
+    eval_batch_size rows per call up to eval_max_new_tokens (or, with a vllm_engine.Engine holding the student, n
+    samples per problem in one request). Answers are checked with math-verify on real data and by exact match on the
+    embedded task. Under FSDP each rank decodes its share of the problems in lockstep with the others (the same
+    number of calls, each stopping when every rank's rows are done; a rank with fewer problems pads its last call
+    with uncounted ones), so no rank waits for another longer than stop_check_every tokens take; the counts are
+    summed.
     """
     runtime = runtime or one_process(cfg)
-    device = next(model.parameters()).device
     eos_ids = eos_ids or [tokenizer.eos_token_id]
-    generator = torch.Generator(device).manual_seed(seed)  # own generator: evaluation never shifts training RNG
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # evaluation's own RNG
     was_training = model.training
     model.eval()
     per_rank = -(-len(held_out) // runtime.world)  # every rank decodes as many problems as the largest share
@@ -61,28 +104,17 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None):
     correct = {}
     with runtime.gathered(model), memory_plan.moment("evaluation peak"):
         for name, n, temperature in (("pass@1", cfg.eval_samples, cfg.eval_temperature), ("greedy", 1, 0.0)):
-            per_call = max(1, cfg.eval_batch_size // n)  # problems per call: n * per_call <= eval_batch_size rows
-            correct[name] = 0
-            for i in tqdm(range(0, len(rows), per_call), desc=f"eval rollouts ({name})", leave=False):
-                batch = math_data.encode_prompts(questions[i:i + per_call], tokenizer, device)
-                input_ids, mask = (x.repeat_interleave(n, 0) for x in batch)  # (n * problems, P)
-                with models.autocast(cfg):
-                    rollout = trb.blended_generate(model, None, input_ids, mask, eps=0.0,
-                                                   max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
-                                                   eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                                   generator=generator, vocab_size=len(tokenizer),
-                                                   all_finished=runtime.all_finished, decoding=runtime.decoding)
-                texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
-                for j, text in enumerate(texts):
-                    problem, counted = rows[i + j // n]
-                    correct[name] += counted and math_data.is_correct(text, answers[problem], exact)
+            texts = _completions(model, tokenizer, questions, n, temperature, cfg, eos_ids, runtime, generator,
+                                 engine)
+            correct[name] = sum(counted and math_data.is_correct(text, answers[problem], exact)
+                                for (problem, counted), text in zip((r for r in rows for _ in range(n)), texts))
     model.train(was_training)
     pass_correct, greedy_correct = runtime.sum([correct["pass@1"], correct["greedy"]])
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
+def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime, engine=None):
     """
     Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a
     reader sees the text change: one dict per problem (problem index, question, prompt, reference answer, completion,
@@ -96,8 +128,8 @@ def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime):
     was_training = model.training
     model.eval()  # also keeps the KV cache on with activation checkpointing (a train-mode feature)
     with models.autocast(cfg), memory_plan.moment("evaluation peak"):
-        rollout = rollouts(model, None, input_ids, mask, cfg.eval_batch_size, runtime, eps=0.0, temperature=0.0,
-                           max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos_ids,
+        rollout = rollouts(model, None, input_ids, mask, cfg.eval_batch_size, runtime, engine, eps=0.0,
+                           temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     model.train(was_training)
     texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)

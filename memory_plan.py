@@ -35,6 +35,9 @@ SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta keeps between cal
 # float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
 # gradient (measured: 4 in each, with two EOS ids)
 LOSS_CHUNK_BUFFERS = 4
+# engine vllm: train_small.visited_sums recomputes the rollout diagnostics per loss chunk: both models' logits, the
+# solver's workspace, the blend and the teacher's log-probabilities (an estimate, not measured)
+DIAGNOSTIC_BUFFERS = 2 + SOLVER_BUFFERS + 3
 MOMENTS = ("at rest", "rollout peak", "loss forward", "loss backward", "optimizer step", "evaluation peak")
 MOMENT = "memory moment: "  # the prefix of the profiler ranges that mark the moments in a run
 
@@ -247,9 +250,23 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         "prefill or step transient (one layer)": decode_transient(student, eval_rows, pad(eval_rows), P, L_eval,
                                                                   static, compiled),
     }
+    if cfg.engine == "vllm":  # the engine decodes: no decoding copy, caches or token rule of the HF loop
+        rest.update({"student bf16 copy for decoding": 0, "solver workspace (fp32 rows x V, kept)": 0,
+                     "static KV caches kept (compile)": 0})
+        # awake (rollouts, evaluation) it holds its fraction of the GPU: both models' bf16 weights (the student's
+        # full copy on every rank), then its KV pool and CUDA graphs; asleep (the loss) it holds none of it
+        weights = BF16 * (Ns + Nt)
+        engine = {"vLLM engine: both models' weights (bf16)": weights,
+                  "vLLM engine: KV pool, graphs (rest of its fraction)": max(
+                      0, cfg.vllm_gpu_memory_utilization * gpu_gib * GiB - weights)}
+        rollout = evaluation = engine
+        loss_forward["rollout diagnostics from the loss forward"] = (
+            DIAGNOSTIC_BUFFERS * min(cfg.loss_chunk_size, micro_rows * cfg.max_new_tokens) * V * FP32)
     moments = dict(zip(MOMENTS, ({**rest, **extra} for extra in ({}, rollout, loss_forward, loss_backward, optimizer,
                                                                  evaluation))))
+    engine_short = cfg.engine == "vllm" and BF16 * (Ns + Nt) >= cfg.vllm_gpu_memory_utilization * gpu_gib * GiB
     return {"moments": moments, "totals": {m: sum(terms.values()) for m, terms in moments.items()},
+            "engine_short": engine_short,
             "world_size": world_size, "gpu_gib": gpu_gib, "student_params": Ns, "teacher_params": Nt,
             "rows": {"rollout": roll_rows, "micro": micro_rows, "eval": eval_rows},
             "tokens": {"prompt": P, "rollout": L_roll, "eval": L_eval}}
@@ -337,6 +354,9 @@ def format_plan(result, title=""):
     verdict = "fits" if len(fits) == len(moments) else "does NOT fit at: " + ", ".join(
         m for m in moments if m not in fits)
     lines.append(f"{verdict} in {result['gpu_gib']} GiB per GPU (allocator fragmentation not modelled; keep ~10% free)")
+    if result.get("engine_short"):
+        lines.append("vllm_gpu_memory_utilization is too small: both models' weights fill the engine's fraction, "
+                     "leaving no KV pool")
     return "\n".join(lines)
 
 

@@ -199,9 +199,7 @@ class FSDP(small.SingleDevice):
     def stop(self, message):
         """Every rank closes the process group as main() does at the end (exiting with it open can abort in gloo's
         teardown), then exits with code 2; rank 0 says why in one line."""
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        close(self)
         super().stop(message)
 
     def share(self, n):
@@ -295,10 +293,20 @@ def main():
         torch.set_num_threads(cfg.num_threads)
     if cfg.compare:
         die("compare: run one method per torchrun launch (train_fsdp.py trains a single run)")
-    small.train(cfg, FSDP(cfg))
+    runtime = FSDP(cfg)
+    small.train(cfg, runtime)
+    close(runtime)
+
+
+def close(runtime):
+    """Every rank closes the process group (exiting with it open can abort in gloo's teardown), after the vLLM engine,
+    whose teardown closes it too."""
     gc.collect()  # free FSDP's last gloo work objects while the interpreter is whole (else, rarely, SIGABRT at exit)
     dist.barrier()
-    dist.destroy_process_group()
+    if runtime.engine is not None:
+        runtime.engine.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import math_data
 import memory_plan
 import models
 import trb
+import trb_fast
 from config import die, load_config
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class SingleDevice:
         self.decoding = (trb.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
                          if cfg is not None else trb.Decoding())
         self._decoding_copy = None
+        self.engine = None  # a vllm_engine.Engine with engine: vllm (train() starts it)
 
     @property
     def is_main(self):
@@ -183,7 +185,7 @@ def forward_completions(model, sequences, mask, P, V, hidden):
     caught = []
     handle = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out[0]))
     try:
-        model(**inputs, logits_to_keep=trb.last_position(sequences))
+        model(**inputs, logits_to_keep=trb_fast.last_position(sequences))
     finally:
         handle.remove()
     return caught[0][:, P - 1:-1]  # (B, N, H)
@@ -211,6 +213,34 @@ def teacher_view_sums(teacher_logits, tokens, mask):
     return logprob, entropy
 
 
+@torch.no_grad()
+def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids, chunk_size):
+    """
+    (4,) sums over the completion tokens (mask (B, N)) of beta*, KL(mu* || pi_S), log pi_T(token) and H(pi_T), at the
+    rollout's eps and temperature: the diagnostics blended_generate logs, recomputed from the loss forward for a
+    rollout that carries none (the vLLM engine's). student_out, teacher_out: (B, N, V) logits, or (B, N, H) hidden
+    states with heads = (student head, teacher head).
+    """
+    eps, tau = kwargs["eps"], kwargs["temperature"] or 1.0
+    student_out, teacher_out, tokens = student_out[mask], teacher_out[mask], tokens[mask]  # (n, .)
+    total = torch.zeros(4)
+    for start in range(0, tokens.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        s, t = student_out[part].detach(), teacher_out[part]
+        if heads is not None:
+            s, t = trb_fast.head_logits(s, heads[0]), trb_fast.head_logits(t, heads[1])
+        s, t = (trb.canonicalise_eos(x.float() / tau, eos_ids) for x in (s, t))  # (n, V)
+        log_pt = torch.log_softmax(t, -1)
+        entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
+        logprob = log_pt.gather(-1, tokens[part, None])[:, 0]
+        beta = kl = s.new_zeros(())  # eps = 0: the student itself
+        if eps > 0:
+            beta = trb.solve_beta(s, t, eps)
+            kl = trb.reverse_kl(trb.blend_logprobs(s, t, beta), s)  # KL(mu* || pi_S): mu*'s logits are log mu*
+        total += torch.stack([beta.sum(), kl.sum(), logprob.sum(), entropy.sum()]).cpu()
+    return total
+
+
 def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids, runtime):
     """
     One OPD update on `questions` (under FSDP: this rank's share of the step's prompts). The loss of each micro-batch
@@ -229,10 +259,13 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     student.eval()
     with models.autocast(cfg), memory_plan.moment("rollout peak"):
         behavior_teacher = teacher if trb.behavior_needs_teacher(kwargs) else None  # online only when the policy asks
-        rollout = evaluation.rollouts(runtime.for_decoding(student), behavior_teacher,
-                           input_ids, prompt_mask,
-                           cfg.rollout_batch_size, runtime, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
+        decoder = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
+        rollout = evaluation.rollouts(decoder, behavior_teacher, input_ids, prompt_mask,
+                                      cfg.rollout_batch_size, runtime, engine=runtime.engine,
+                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
+                                      pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
+    if runtime.engine is not None:
+        runtime.engine.sleep()  # a GPU's engine memory is free while the loss runs
     mask = torch.cat([prompt_mask, rollout.completion_mask.long()], 1)  # (B, P+N)
     stats = rollout.stats()
     total_tokens = runtime.sum([stats["completion_tokens"]])[0]  # completion tokens of the whole step
@@ -240,6 +273,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     student.train()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = logprob_sum = entropy_sum = 0.0
+    visited = torch.zeros(4)  # engine: sums of beta, realised KL, teacher log-prob and entropy over visited tokens
     micro = cfg.micro_batch_size or B
     for start in range(0, B, micro):
         sequences, row_mask, completion_mask, p = trimmed(rollout, mask, slice(start, start + micro), P)
@@ -260,6 +294,10 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
                 # the teacher's view of the visited tokens for every method, from this forward
                 logprob, entropy = teacher_view_sums(teacher_out, sequences[:, p:], completion_mask)
                 logprob_sum, entropy_sum = logprob_sum + logprob, entropy_sum + entropy
+            if runtime.engine is not None:  # the engine returns tokens only: the diagnostics from this forward
+                heads = (runtime.head_weight(student, V), teacher_head) if cfg.chunked_loss else None
+                visited += visited_sums(student_out, teacher_out, heads, sequences[:, p:], completion_mask, kwargs,
+                                        eos_ids, cfg.loss_chunk_size)
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))
@@ -279,6 +317,10 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     sums = [stats[k] * n if n else 0.0 for k in names]
     if not cfg.chunked_loss:
         sums[3:] = [logprob_sum, entropy_sum]
+    if runtime.engine is not None:
+        sums[0], sums[1], sums[3], sums[4] = visited.tolist()
+        runtime.engine.wake_up()
+        runtime.engine.sync(student)  # the updated student decodes the next step
     loss, *sums = runtime.sum([loss_sum, *sums])
     return {"step": step + 1, "loss": loss, "eps": kwargs["eps"], "temperature": kwargs["temperature"],
             **{k: s / total_tokens if total_tokens else math.nan for k, s in zip(names, sums)},
@@ -304,6 +346,8 @@ def train(cfg, runtime=None):
     optimizer = make_optimizer(student, cfg)
     checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
+    if cfg.engine == "vllm":
+        runtime.engine = start_engine(cfg, student, teacher, len(tokenizer), eos_ids, start, runtime)
     if start == 0:
         log.samples(0, "teacher", evaluation.sample_completions(teacher, tokenizer, held_out, cfg, eos_ids, runtime))
         log.record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0,
@@ -317,6 +361,9 @@ def train(cfg, runtime=None):
         if (cfg.eval_every and row["step"] % cfg.eval_every == 0) or row["step"] == cfg.max_steps:
             row.update(evaluate_at(row["step"], student, tokenizer, held_out, cfg, eos_ids, runtime, log))
         log.record(row)
+        if runtime.engine and runtime.engine.has_teacher and row["step"] < cfg.max_steps \
+                and not teacher_needed(cfg, row["step"]):
+            runtime.engine.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
         if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
             runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, optimizer, generator,
@@ -326,6 +373,23 @@ def train(cfg, runtime=None):
     if runtime.is_main:
         log.write_summary(cfg, runtime.world, teacher_scores, started)
     return log.history
+
+
+def teacher_needed(cfg, step):
+    """Whether any rollout from `step` on runs the teacher (for TRB: until its budget has reached 0 for good)."""
+    return any(trb.behavior_needs_teacher(trb.behavior(cfg.method, k, cfg)) for k in range(step, cfg.max_steps))
+
+
+def start_engine(cfg, student, teacher, vocab_size, eos_ids, step, runtime):
+    """The vLLM engine of a run (engine: vllm), with the teacher only while the policy needs it; its folder (the
+    student's weights, the teacher's when it has no local folder) is written under out_dir."""
+    try:
+        import vllm_engine
+    except ImportError as error:
+        die(f"engine: vllm needs the vLLM environment (./run.sh makes .venv-vllm from requirements-vllm.txt): {error}")
+    folder = Path(cfg.out_dir) / "engine" / f"rank{runtime.rank}"
+    return vllm_engine.Engine(cfg, student, teacher, vocab_size, eos_ids, folder,
+                              with_teacher=teacher_needed(cfg, step))
 
 
 def load(cfg, runtime):
@@ -345,9 +409,10 @@ def load(cfg, runtime):
 def evaluate_at(step, student, tokenizer, held_out, cfg, eos_ids, runtime, log):
     """The student's held-out pass@1 and greedy accuracy at `step`, after logging its completions of the shown
     problems (the same ones at every evaluation)."""
-    model = runtime.for_decoding(student)
-    log.samples(step, "student", evaluation.sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime))
-    return evaluation.evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime)
+    model = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
+    log.samples(step, "student", evaluation.sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime,
+                                                               runtime.engine))
+    return evaluation.evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime, runtime.engine)
 
 
 OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",

@@ -23,7 +23,7 @@ Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V v
     E5  eps_k = eps_0 * (1 - k/K) for k < K, else 0       kl_budget
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -46,11 +46,6 @@ def kl_budget(step, eps0, warmup_steps):
     return float(eps0) * (1.0 - step / warmup_steps) if step < warmup_steps else 0.0
 
 
-def _compute_dtype(x):
-    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _blend_terms(student_logits, teacher_logits):
     """
     The pieces of E3 with the zero-probability rules of docs/method.md section 2 made explicit.
@@ -58,7 +53,7 @@ def _blend_terms(student_logits, teacher_logits):
     log pi_T - log pi_S (0 off M). Off M a token has weight 0 for every beta > 0: either the student gives it
     probability 0 (never feasible) or the teacher does (weight pi_T^beta = 0).
     """
-    dtype = _compute_dtype(student_logits)
+    dtype = trb_fast.compute_dtype(student_logits)
     log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
     # Normalise both first: raw t - s loses digits when logits are in the thousands.
     r = torch.log_softmax(teacher_logits.to(dtype), dim=-1).sub_(log_ps)  # (..., V)
@@ -125,7 +120,7 @@ def reverse_kl(student_logits, teacher_logits):
     least float32. Tokens the student gives probability 0 contribute 0 (also to the gradient); a token the teacher
     gives probability 0 but the student does not makes the KL +inf, as it is.
     """
-    dtype = _compute_dtype(student_logits)
+    dtype = trb_fast.compute_dtype(student_logits)
     log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
     return _kl(log_ps, torch.log_softmax(teacher_logits.to(dtype), dim=-1))
 
@@ -138,26 +133,19 @@ def _kl(log_p, log_q):
 
 def _topk_reverse_kl(student_logits, teacher_logits, topk):
     """
-    The paper's top-k estimate of E1 (docs/method.md section 1), per position: with S_k the k tokens of highest student
-    logit (selected without gradient), q = pi_S renormalised on S_k, it returns
-        KL(q || pi_T) = sum_{a in S_k} q(a) (log q(a) - log pi_T(a)),
-    where log pi_T is the teacher's full-vocabulary log-probability. This is a true KL (>= 0) and has the same
-    gradient as the variant that also renormalises the teacher on S_k (they differ by -log pi_T(S_k), constant in
-    the student). For k >= V it is exactly reverse_kl.
+    E1 per position, exact for topk = 0 (or >= V); else the paper's top-k estimate (docs/method.md section 1): with
+    S_k the k tokens of highest student logit (selected without gradient) and q = pi_S renormalised on S_k,
+        KL(q || pi_T) = sum_{a in S_k} q(a) (log q(a) - log pi_T(a)),   log pi_T over the full vocabulary.
+    A true KL (>= 0), with the gradient of the variant that also renormalises the teacher on S_k (they differ by
+    -log pi_T(S_k), constant in the student).
     """
-    dtype = _compute_dtype(student_logits)
-    if topk >= student_logits.shape[-1]:
+    dtype = trb_fast.compute_dtype(student_logits)
+    if topk == 0 or topk >= student_logits.shape[-1]:
         return reverse_kl(student_logits, teacher_logits)
     index = student_logits.detach().topk(topk, dim=-1).indices  # (..., k)
     log_q = torch.log_softmax(student_logits.to(dtype).gather(-1, index), dim=-1)  # (..., k)
     log_pt = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(-1, index)  # (..., k)
     return _kl(log_q, log_pt)
-
-
-def _per_position_kl(student_logits, teacher_logits, topk):
-    if topk == 0:
-        return reverse_kl(student_logits, teacher_logits)
-    return _topk_reverse_kl(student_logits, teacher_logits, topk)
 
 
 def _check_loss_args(mask, topk):
@@ -175,7 +163,7 @@ def opd_loss(student_logits, teacher_logits, mask, topk=0):
     student's top-k support (see _topk_reverse_kl); topk >= V equals the exact loss.
     """
     _check_loss_args(mask, topk)
-    kl = _per_position_kl(student_logits[mask], teacher_logits[mask].detach(), topk)  # (n,)
+    kl = _topk_reverse_kl(student_logits[mask], teacher_logits[mask].detach(), topk)  # (n,)
     return kl.sum() / max(kl.numel(), 1)
 
 
@@ -207,7 +195,7 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     hs = student_hidden[mask]  # (n, Hs)
     ht = teacher_hidden[mask].detach()  # (n, Ht)
-    total = (hs.sum() * 0).to(_compute_dtype(hs))  # 0, with a grad_fn even when no position is masked in
+    total = (hs.sum() * 0).to(trb_fast.compute_dtype(hs))  # 0, with a grad_fn even when no position is masked in
     for start in range(0, hs.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk, list(eos_ids))
@@ -233,21 +221,6 @@ class Rollout:
     realised_kl: torch.Tensor  # (B, N) KL(mu* || pi_S) at each prefix
     teacher_entropy: torch.Tensor  # (B, N) H(pi_T) at each visited prefix (NaN: teacher not run)
     replaced: torch.Tensor  # (B, N) bool, SKD: the student's token was replaced by a teacher sample
-
-    @staticmethod
-    def cat(parts, pad_token_id=None):
-        """Rollouts of different rows as one: each part's N columns right-padded to the longest part (with
-        pad_token_id in sequences, zeros elsewhere), all outside completion_mask."""
-        if len(parts) == 1:
-            return parts[0]
-        width = max(part.completion_mask.shape[1] for part in parts)
-
-        def padded(part, name):
-            x = getattr(part, name)
-            value = (pad_token_id or 0) if name == "sequences" else 0
-            return torch.nn.functional.pad(x, (0, width - part.completion_mask.shape[1]), value=value)
-
-        return Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(Rollout)})
 
     def stats(self):
         """Means over completion tokens of the diagnostics the training loop logs (docs/method.md section 7)."""
@@ -288,11 +261,8 @@ def canonicalise_eos(logits, eos_ids):
 
 
 def _sample(log_probs, noise):
-    """
-    (B, V) log-probabilities -> (B,) token ids: the argmax when noise is None (greedy), else an exact draw by the
-    exponential race argmax_a log p(a) - log E(a) with E (B, V) ~ Exp(1), the Gumbel-max trick. The caller draws E,
-    so a compiled token rule holds no random op and a seeded generator reproduces a run.
-    """
+    """(B, V) log-probabilities -> (B,) token ids: the argmax when noise is None (greedy), else an exact draw by the
+    exponential race argmax_a log p(a) - log E(a), E (B, V) ~ Exp(1) drawn by the caller (the Gumbel-max trick)."""
     if noise is None:
         return log_probs.argmax(dim=-1)
     return (log_probs - noise.log()).argmax(dim=-1)
@@ -347,20 +317,11 @@ def skd_token_rule(top_k, teacher_temperature):
     return rule
 
 
-def last_position(ids):
-    """
-    logits_to_keep for a forward of ids (B, T) whose head needs the last position only: the index (1,) of it, which
-    gathers a contiguous (B, 1, H). logits_to_keep=1 slices a strided view instead, which torch.matmul multiplies by
-    a per-row copy of a frozen head (18.5 GiB for the 8B teacher's 16-row prefill).
-    """
-    return torch.tensor([ids.shape[1] - 1], device=ids.device)
-
-
 def _last_logits(model, ids, mask, positions, cache, vocab_size):
     """One forward of a model with its KV cache (updated in place): (B, V) float32 logits of the last position, on the
     shared tokenizer range."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=last_position(ids))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=trb_fast.last_position(ids), **{trb_fast.CACHE_KEYWORD: cache})
     return out.logits[:, -1, :vocab_size].float()
 
 
@@ -478,34 +439,21 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
 # returning blended_generate's keyword arguments. cfg is any object with the attributes used below.
 
 
-def _opd(step, cfg):
-    return dict(eps=0.0, temperature=cfg.temperature)
-
-
-def _trb(step, cfg):
-    return dict(eps=kl_budget(step, cfg.eps0, cfg.warmup_steps), temperature=cfg.temperature)
-
-
-def _fixed_eps(step, cfg):
-    return dict(eps=float(cfg.eps0), temperature=cfg.temperature)
-
-
-def _skd(step, cfg):
-    return dict(eps=0.0, temperature=cfg.temperature, token_rule=skd_token_rule(cfg.skd_top_k, cfg.skd_temperature))
-
-
 def _temperature_warmup(step, cfg):
-    """Student only, temperature annealed linearly from tau0 to cfg.temperature over warmup_steps."""
+    """Student only, its temperature annealed linearly from tau0 to cfg.temperature over warmup_steps."""
     progress = min(step / cfg.warmup_steps, 1.0) if cfg.warmup_steps else 1.0
     return dict(eps=0.0, temperature=cfg.tau0 + (cfg.temperature - cfg.tau0) * progress)
 
 
-def _teacher(step, cfg):
-    return dict(eps=math.inf, temperature=cfg.temperature)
-
-
-BEHAVIOR_POLICIES = {"opd": _opd, "trb": _trb, "fixed_eps": _fixed_eps, "skd": _skd,
-                     "temperature_warmup": _temperature_warmup, "teacher": _teacher}
+BEHAVIOR_POLICIES = {
+    "opd": lambda step, cfg: dict(eps=0.0, temperature=cfg.temperature),
+    "trb": lambda step, cfg: dict(eps=kl_budget(step, cfg.eps0, cfg.warmup_steps), temperature=cfg.temperature),
+    "fixed_eps": lambda step, cfg: dict(eps=float(cfg.eps0), temperature=cfg.temperature),
+    "skd": lambda step, cfg: dict(eps=0.0, temperature=cfg.temperature,
+                                  token_rule=skd_token_rule(cfg.skd_top_k, cfg.skd_temperature)),
+    "temperature_warmup": _temperature_warmup,
+    "teacher": lambda step, cfg: dict(eps=math.inf, temperature=cfg.temperature),
+}
 
 
 def behavior(name, step, cfg):

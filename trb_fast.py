@@ -12,6 +12,7 @@ The fast paths behind trb.py, each tested against the plain reference it stands 
 Nothing here changes a result: every shortcut skips only work whose outcome every row would mask out, and every
 compiled or cached path gives the eager, uncached tokens (tests/test_fast_decode.py, tests/test_math.py).
 """
+import inspect
 import math
 import warnings
 import weakref
@@ -326,6 +327,25 @@ def static_cache_length(prompt_tokens, max_new_tokens):
     n = prompt_tokens + max_new_tokens
     step = max(256, (1 << max(n - 1, 1).bit_length()) // 8)
     return -(-n // step) * step
+
+
+def _cache_keyword():
+    """The forward's name for its KV cache: `cache` from transformers 5.24 (which still accepts the old name, with a
+    deprecation warning), `past_key_values` in earlier releases such as the 5.19 of the vLLM environment."""
+    from transformers import Qwen3ForCausalLM
+    return "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+
+
+def last_position(ids):
+    """
+    logits_to_keep for a forward of ids (B, T) whose head needs the last position only: the index (1,) of it, which
+    gathers a contiguous (B, 1, H). logits_to_keep=1 slices a strided view instead, which torch.matmul multiplies by
+    a per-row copy of a frozen head (18.5 GiB for the 8B teacher's 16-row prefill).
+    """
+    return torch.tensor([ids.shape[1] - 1], device=ids.device)
 
 
 def padded_rows(rows):

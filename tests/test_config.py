@@ -54,6 +54,9 @@ def error_line(capsys, argv):
     (["--dtype=float16"], "dtype"),
     (["--cache=paged"], "cache"),
     (["--compile=true"], "compile"),  # needs cache: static
+    (["--engine=sglang"], "engine"),
+    (["--engine=vllm", "--method=skd"], "engine"),  # the engine runs the blend's token rule only
+    (["--vllm_gpu_memory_utilization=1.5"], "vllm_gpu_memory_utilization"),
     (["--learning_rate=0.1"], "learning_rate"),
     (["--student=/does/not/exist"], "student"),
     (["--teacher=./no_such_teacher"], "teacher"),

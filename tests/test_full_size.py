@@ -257,9 +257,9 @@ def largest_allocation(run):
 
 
 def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
-    """The models load_models returns never copy their heads: a prefill of 3 rows and the loss's hidden-state forward of
-    1 row (each keeping the last position by an index, trb.last_position; a strided logits_to_keep=1 slice would make
-    torch.matmul multiply by a per-row copy of the frozen head) allocate less than the (V, H) head."""
+    """The models load_models returns never copy their heads: a prefill of 3 rows and the loss's hidden-state forward
+    of 1 row (each keeping the last position by an index, trb_fast.last_position; a strided logits_to_keep=1 slice
+    would make torch.matmul multiply by a per-row copy of the frozen head) allocate less than the (V, H) head."""
     cfg = real_config(qwen3_folders, "--dtype=bfloat16")
     _, _, teacher, _ = models.load_models(cfg, None, None)
     head = teacher.get_output_embeddings().weight

@@ -61,6 +61,27 @@ def test_every_preset_fits_80_gib_at_every_moment(preset):
     assert all(total <= 0.9 * 80 * memory_plan.GiB for total in result["totals"].values()), result["totals"]
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_engine_holds_its_fraction_while_it_decodes_and_nothing_while_the_loss_runs(preset):
+    """With engine vllm, the rollout and evaluation peaks are the state at rest plus the engine's fraction of the GPU
+    (both models' bf16 weights, then its KV pool), with none of the HF loop's decoding terms; the loss moments hold
+    no engine memory (it sleeps); a fraction too small for both models' weights is flagged; every preset still fits
+    under 90% of 80 GiB."""
+    cfg = dataclasses.replace(config.load_config([f"--config={ROOT / 'configs' / f'{preset}.yaml'}"]), engine="vllm")
+    result = memory_plan.plan(cfg, PRESETS[preset])
+    GiB, totals, moments = memory_plan.GiB, result["totals"], result["moments"]
+    fraction = cfg.vllm_gpu_memory_utilization * 80 * GiB
+    assert totals["rollout peak"] == pytest.approx(totals["at rest"] + fraction)
+    assert totals["evaluation peak"] == totals["rollout peak"]
+    assert moments["at rest"]["student bf16 copy for decoding"] == 0
+    assert not any("engine" in term for term in moments["loss backward"])
+    assert moments["rollout peak"]["vLLM engine: both models' weights (bf16)"] == 2 * (
+        result["student_params"] + result["teacher_params"])
+    assert all(total <= 0.9 * 80 * GiB for total in totals.values()) and not result["engine_short"]
+    assert memory_plan.plan(dataclasses.replace(cfg, vllm_gpu_memory_utilization=0.05), PRESETS[preset])[
+        "engine_short"]
+
+
 def test_sharding_divides_the_students_state_and_checkpointing_cuts_activations():
     """The student's weights and AdamW state divide by the shard group, a sharded teacher by the world, and
     activation checkpointing cuts the student's saved activations."""

@@ -22,12 +22,14 @@ setting stops it with one line rather than mix two evaluations).
 
 Sampling goes through one function per model, an engine's `sample(prompts, n, seed)`; pick_engine is where the engine
 is chosen. --engine=hf decodes with trb.blended_generate at eps 0 without a teacher (the student alone), in calls of
---batch_size rows, as training's evaluation does.
+--batch_size rows, as training's evaluation does; --engine=vllm (in the vLLM environment, .venv-vllm) with the
+vLLM engine holding the student alone, n samples per problem in one request (vllm_engine.py).
 """
 import json
 import math
 import os
 import sys
+import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -53,6 +55,8 @@ FLAGS = {
     "data": (str, "", "local copies in place of dataset ids: benchmark=PATH[,benchmark=PATH...], each a save_to_disk "
                       "folder or a .json/.jsonl file"),
     "engine": (str, "hf", "hf (transformers, trb.blended_generate) or vllm (needs the vLLM environment)"),
+    "vllm_gpu_memory_utilization": (float, 0.9, "--engine=vllm on a GPU: the fraction of its memory the engine takes"),
+    "vllm_cpu_kv_cache_gib": (int, 1, "--engine=vllm on a CPU: GiB of its KV pool"),
     "batch_size": (int, 32, "rows per decode call (bounds the KV cache: 32 rows of 1.7B at 10,240 positions take 35 "
                             "GiB)"),
     "seed": (int, 0, "sampling seed (each group of problems draws from its own seed, so a resumed run samples the "
@@ -252,8 +256,40 @@ def pick_engine(name):
     if name == "hf":
         return hf_engine
     if name == "vllm":
-        die("--engine=vllm needs the vLLM environment, which this one does not have; --engine=hf runs here")
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            die("--engine=vllm needs the vLLM environment (.venv-vllm, made by ./run.sh from requirements-vllm.txt); "
+                "--engine=hf runs here")
+        return vllm_engine_sample
     die(f"--engine: must be hf or vllm, got {name!r}")
+
+
+def vllm_engine_sample(source, base, tokenizer, eos_ids, suite, args):
+    """sample() on the vLLM engine holding the student alone (vllm_engine.Engine without a teacher): each call's
+    prompts in one request, n samples per prompt; sample.close() shuts the engine down before the next model."""
+    import vllm_engine
+    device, _ = models.device_and_dtype(args)
+    model = load_model(source, base, args, torch.float32).to(device).eval()
+    window = model.config.max_position_embeddings  # the engine's longest sequence: prompt and completion
+    if window <= suite.max_new_tokens:
+        die(f"--suite: max_new_tokens {suite.max_new_tokens} does not fit the model's {window} positions")
+    cfg = SimpleNamespace(teacher="", seed=args.seed, max_prompt_tokens=window - suite.max_new_tokens,
+                          max_new_tokens=suite.max_new_tokens, eval_max_new_tokens=suite.max_new_tokens,
+                          vllm_cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
+                          vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    with tempfile.TemporaryDirectory(prefix="trb_eval_engine_") as folder:
+        engine = vllm_engine.Engine(cfg, model, None, len(tokenizer), eos_ids, folder, with_teacher=False)
+    del model
+
+    def sample(prompts, n, seed):
+        ids, _ = engine.generate(engine.unpadded(*math_data.encode_prompts(prompts, tokenizer, "cpu")), eps=0.0,
+                                 temperature=suite.temperature, max_new_tokens=suite.max_new_tokens, n=n, seed=seed)
+        return ([tokenizer.batch_decode(c, skip_special_tokens=True) for c in ids],
+                [sum(len(x) for x in c) for c in ids])
+
+    sample.close = engine.close
+    return sample
 
 
 def hf_engine(source, base, tokenizer, eos_ids, suite, args):
@@ -421,6 +457,7 @@ def main(argv=None):
             entry["benchmarks"][bench.key] = {"name": bench.name, **summarize(results, bench.n)}
         entry["mean"], entry["mean_stderr"] = suite_mean(entry["benchmarks"])
         report["models"].append(entry)
+        getattr(sample, "close", lambda: None)()  # an engine's memory goes before the next model's
         del sample
         if len(report["models"]) > 1:
             report["best"] = max(report["models"], key=lambda e: e["mean"])["model"]

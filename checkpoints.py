@@ -176,13 +176,14 @@ class RunLog:
     metrics.jsonl (one row per step, and per evaluation) and samples.jsonl (the shown problems' completions) of a run,
     appended and flushed row by row, and the rows so far (history). Opened at the step the run starts from: a resumed
     run's logs are cut back to its checkpoint (rows logged after it, and a half-written line, are dropped: they are
-    recomputed); a fresh run's are emptied, and its out_dir's old checkpoints removed. Only the main process writes.
+    recomputed); a fresh run's are emptied, and its out_dir's old checkpoints removed. Only the main process writes,
+    and sends each row and the samples to the run's tracker (cfg.report_to, tracking.py), if any.
     """
 
-    def __init__(self, out_dir, start, resumed, write):
+    def __init__(self, out_dir, start, resumed, write, cfg=None):
         self.out, self.write = Path(out_dir), write
         self.history = read_log(self.out / "metrics.jsonl", start) if resumed and write else []
-        self.metrics = None
+        self.metrics = self.tracker = None
         if write:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resumed:  # a fresh run (no checkpoints here, or overwrite): never resumed into an earlier one
@@ -190,22 +191,32 @@ class RunLog:
             rewrite_log(self.out / "metrics.jsonl", self.history)
             rewrite_log(self.out / "samples.jsonl", read_log(self.out / "samples.jsonl", start) if resumed else [])
             self.metrics = open(self.out / "metrics.jsonl", "a")
+            if cfg is not None:
+                import tracking
+                self.tracker = tracking.open_tracker(cfg.report_to, out_dir, start, resumed, cfg)
 
     def record(self, row):
-        """One metrics row; an evaluation's pass@1 is also printed."""
+        """One metrics row, also to the tracker (its numbers as scalars at its step); an evaluation's pass@1 is also
+        printed."""
         self.history.append(row)
         if self.write:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
+            if self.tracker is not None:
+                import tracking
+                self.tracker.scalars(row["step"], tracking.scalars(row))
             if "pass@1" in row:
                 tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")
 
     def samples(self, step, model_name, samples):
-        """Appends one samples.jsonl row per shown problem and prints them, one line each."""
+        """Appends one samples.jsonl row per shown problem, sends them to the tracker as a table and prints them, one
+        line each."""
         if not (self.write and samples):
             return
         with open(self.out / "samples.jsonl", "a") as log:
             log.writelines(json.dumps({"step": step, "model": model_name, **s}) + "\n" for s in samples)
+        if self.tracker is not None:
+            self.tracker.samples(step, model_name, samples)
         tqdm.write(f"step {step}, {model_name}'s greedy completions (samples.jsonl):")
         for s in samples:
             verdict = "right" if s["correct"] else f"wrong (answer {s['answer']})"
@@ -214,6 +225,8 @@ class RunLog:
     def close(self):
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     def write_summary(self, cfg, world_size, teacher_scores, started):
         """summary.json: the first, last and best evaluation, the teacher's scores, the wall time and the config."""

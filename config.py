@@ -15,9 +15,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
+import tracking
 import trb
 
 DEFAULT_PATH = Path(__file__).with_name("config.yaml")
@@ -133,6 +135,9 @@ class Config:
                                 "to the one before)", at_least(1))
     resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
     overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
+    report_to: str = key("metrics tracker of every metrics.jsonl row and the shown completions: none, tensorboard, "
+                         "wandb or trackio (an optional package each: requirements-dev.txt)",
+                         one_of(*tracking.REPORT_TO))
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",
@@ -250,6 +255,33 @@ def usage():
     return "\n".join(lines)
 
 
+def parse_flags(argv, flags, usage_line):
+    """
+    The --key=value arguments of a tool script (prepare_data.py, evaluate.py; the training scripts read a Config):
+    `flags` maps each key to (type, default, meaning), default None for a required key. --help prints them; an
+    argument of another form, an unknown key, a value of the wrong type or a missing required key stops with one line.
+    """
+    if any(arg in ("-h", "--help") for arg in argv):
+        shown = lambda default: " (required)" if default is None else "" if default == "" else f" (default: {default})"
+        width = max(len(f"--{name}={kind.__name__}") for name, (kind, _, _) in flags.items())
+        lines = [usage_line, ""] + [f"  {f'--{name}={kind.__name__}':{width}s}  {meaning}{shown(default)}"
+                                    for name, (kind, default, meaning) in flags.items()]
+        print("\n".join(lines))
+        sys.exit(0)
+    values = {name: default for name, (_, default, _) in flags.items()}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"arguments must look like --key=value, got {arg!r}")
+        name, raw = arg[2:].split("=", 1)
+        if name not in flags:
+            die(f"--{name}: unknown argument (--help lists them)")
+        values[name] = parse_value(f"--{name}", raw, flags[name][0])
+    for name, value in values.items():
+        if value is None:
+            die(f"--{name}: required (--help lists every argument)")
+    return SimpleNamespace(**values)
+
+
 def load_config(argv):
     """config.yaml (or --config=PATH), then --key=value overrides; every value type- and range-checked."""
     if any(arg in ("-h", "--help") for arg in argv):
@@ -276,6 +308,9 @@ def load_config(argv):
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
+    if tracking.missing_package(cfg.report_to):  # before any model loads, not at the first logged row
+        die(f"report_to: {cfg.report_to} needs the {tracking.missing_package(cfg.report_to)} package, which is not "
+            f"installed (pip install -r requirements-dev.txt)")
     if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in cfg.compare.split(",")):
         die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")
     if cfg.compile and cfg.cache != "static":

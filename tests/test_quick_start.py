@@ -28,13 +28,15 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
 
 def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
     """
-    In a copy holding run.sh, a requirements.txt and stand-ins for train_small.py and pytest (each prints the
-    interpreter's prefix, TRB_LAUNCH and its arguments): the first call creates .venv and installs requirements.txt;
-    the next skips setup; arguments reach train_small.py; `test` runs `pytest -q tests`; a changed requirements.txt
-    reinstalls.
+    In a copy holding run.sh, requirements.txt, requirements-dev.txt, requirements-vllm.txt and stand-ins for
+    train_small.py and pytest (each prints the interpreter's prefix, TRB_LAUNCH and its arguments): the first call
+    creates .venv and installs both files; the next skips setup; arguments reach train_small.py; `test` runs
+    `pytest -q tests` in .venv, then sets up .venv-vllm once and runs the engine's tests there; --engine=vllm runs
+    the job in .venv-vllm; a change to either of .venv's files reinstalls .venv only.
     """
     shutil.copy(ROOT / "run.sh", tmp_path)
-    (tmp_path / "requirements.txt").write_text("# nothing to install: the stand-ins need no package\n")
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-vllm.txt"):
+        (tmp_path / name).write_text("# nothing to install: the stand-ins need no package\n")
     stand_in = "import os, sys; print(sys.prefix, os.environ['TRB_LAUNCH'], *sys.argv[1:])\n"
     (tmp_path / "train_small.py").write_text(stand_in)
     (tmp_path / "pytest.py").write_text(stand_in)  # `python -m pytest` finds it first: the cwd leads sys.path
@@ -50,7 +52,15 @@ def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
     first = run_sh("--max_steps=1")
     assert "setting up .venv" in first.stderr and first.stdout.split() == [venv, "./run.sh", "--max_steps=1"]
     again = run_sh("test", "-x")
-    assert "setting up" not in again.stderr and again.stdout.split() == [venv, "./run.sh", "-q", "tests", "-x"]
-    with open(tmp_path / "requirements.txt", "a") as f:
-        f.write("# changed\n")
-    assert "setting up .venv" in run_sh().stderr
+    vllm = str(tmp_path / ".venv-vllm")
+    assert "setting up .venv " not in again.stderr and "setting up .venv-vllm" in again.stderr
+    assert [line.split() for line in again.stdout.splitlines()] == [
+        [venv, "./run.sh", "-q", "tests", "-x"],
+        [vllm, "./run.sh", "-q", "-p", "no:cacheprovider", "tests/test_vllm_engine.py", "-x"]]
+    assert "setting up" not in run_sh("test").stderr
+    assert run_sh("--engine=vllm").stdout.split() == [vllm, "./run.sh", "--engine=vllm"]
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        with open(tmp_path / name, "a") as f:
+            f.write("# changed\n")
+        assert "setting up .venv " in run_sh().stderr
+        assert "setting up" not in run_sh().stderr

@@ -17,6 +17,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import test_evaluate  # noqa: E402
+from test_evaluate import benchmark_data, models_dir  # noqa: E402,F401 - fixtures: evaluate.py's models and data
 import trb  # noqa: E402
 import vllm_engine  # noqa: E402
 
@@ -235,3 +237,18 @@ def test_torchrun_training_with_the_engine_matches_the_hf_loop(tmp_path):
             if name in a and not (isinstance(a[name], float) and math.isnan(a[name])):
                 assert b[name] == pytest.approx(a[name], abs=1e-4), (a["step"], name)
         assert b.get("greedy") == a.get("greedy") and b.get("completion_tokens") == a.get("completion_tokens")
+
+
+def test_evaluate_with_the_engine_scores_known_answers(models_dir, benchmark_data, tmp_path):
+    """evaluate.py --engine=vllm on two benchmarks' real schemas: a teacher trained on the sums gets pass@1 >= 0.9 and
+    a random model <= 0.1, with n samples per problem from one request each."""
+    data = benchmark_data
+    keys = ["gsm8k", "aime24"]
+    suite = test_evaluate.suite_file(tmp_path / "suite.yaml", keys)
+    for model in ("teacher", "random"):
+        test_evaluate.run_evaluate(f"--suite={suite}", f"--model={models_dir / model}", f"--out={tmp_path / model}",
+                                   test_evaluate.data_flag(data, keys), "--engine=vllm")
+        [entry] = json.loads((tmp_path / model / "eval.json").read_text())["models"]
+        for key, result in entry["benchmarks"].items():
+            assert result["n"] == 4 and result["tokens"] > 0, key
+            assert (result["pass@1"] >= 0.9) if model == "teacher" else (result["pass@1"] <= 0.1), (model, key, result)

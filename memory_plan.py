@@ -35,7 +35,7 @@ SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta keeps between cal
 # float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
 # gradient (measured: 4 in each, with two EOS ids)
 LOSS_CHUNK_BUFFERS = 4
-# engine vllm: train_small.visited_sums recomputes the rollout diagnostics per loss chunk: both models' logits, the
+# engine vllm: vllm_engine.visited_sums recomputes the rollout diagnostics per loss chunk: both models' logits, the
 # solver's workspace, the blend and the teacher's log-probabilities (an estimate, not measured)
 DIAGNOSTIC_BUFFERS = 2 + SOLVER_BUFFERS + 3
 MOMENTS = ("at rest", "rollout peak", "loss forward", "loss backward", "optimizer step", "evaluation peak")

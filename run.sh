@@ -13,11 +13,12 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
 setup() {  # setup VENV REQUIREMENTS...: create VENV from the requirements files unless it is up to date
-    local venv=$1 want
+    local venv=$1 want files
     shift
+    files="$*"
     want=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sys.argv[1:])).hexdigest())' "$@")
     if [ "$(cat "$venv/requirements.sha256" 2>/dev/null)" != "$want" ]; then
-        echo "setting up $venv (python -m venv, pip install -r ${*// / -r }; once)" >&2
+        echo "setting up $venv (python -m venv, pip install -r ${files// / -r }; once)" >&2
         "$PYTHON" -m venv "$venv" || { echo "error: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
         "$venv/bin/python" -m pip install -q $(printf -- '-r %s ' "$@")
         if [ "$1" = requirements-vllm.txt ]; then

@@ -43,6 +43,7 @@ import memory_plan
 import models
 import trb
 import trb_fast
+import vllm_engine
 from config import die, load_config
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -213,34 +214,6 @@ def teacher_view_sums(teacher_logits, tokens, mask):
     return logprob, entropy
 
 
-@torch.no_grad()
-def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids, chunk_size):
-    """
-    (4,) sums over the completion tokens (mask (B, N)) of beta*, KL(mu* || pi_S), log pi_T(token) and H(pi_T), at the
-    rollout's eps and temperature: the diagnostics blended_generate logs, recomputed from the loss forward for a
-    rollout that carries none (the vLLM engine's). student_out, teacher_out: (B, N, V) logits, or (B, N, H) hidden
-    states with heads = (student head, teacher head).
-    """
-    eps, tau = kwargs["eps"], kwargs["temperature"] or 1.0
-    student_out, teacher_out, tokens = student_out[mask], teacher_out[mask], tokens[mask]  # (n, .)
-    total = torch.zeros(4)
-    for start in range(0, tokens.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        s, t = student_out[part].detach(), teacher_out[part]
-        if heads is not None:
-            s, t = trb_fast.head_logits(s, heads[0]), trb_fast.head_logits(t, heads[1])
-        s, t = (trb.canonicalise_eos(x.float() / tau, eos_ids) for x in (s, t))  # (n, V)
-        log_pt = torch.log_softmax(t, -1)
-        entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
-        logprob = log_pt.gather(-1, tokens[part, None])[:, 0]
-        beta = kl = s.new_zeros(())  # eps = 0: the student itself
-        if eps > 0:
-            beta = trb.solve_beta(s, t, eps)
-            kl = trb.reverse_kl(trb.blend_logprobs(s, t, beta), s)  # KL(mu* || pi_S): mu*'s logits are log mu*
-        total += torch.stack([beta.sum(), kl.sum(), logprob.sum(), entropy.sum()]).cpu()
-    return total
-
-
 def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids, runtime):
     """
     One OPD update on `questions` (under FSDP: this rank's share of the step's prompts). The loss of each micro-batch
@@ -296,8 +269,8 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
                 logprob_sum, entropy_sum = logprob_sum + logprob, entropy_sum + entropy
             if runtime.engine is not None:  # the engine returns tokens only: the diagnostics from this forward
                 heads = (runtime.head_weight(student, V), teacher_head) if cfg.chunked_loss else None
-                visited += visited_sums(student_out, teacher_out, heads, sequences[:, p:], completion_mask, kwargs,
-                                        eos_ids, cfg.loss_chunk_size)
+                visited += vllm_engine.visited_sums(student_out, teacher_out, heads, sequences[:, p:],
+                                                    completion_mask, kwargs, eos_ids, cfg.loss_chunk_size)
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))
@@ -338,6 +311,8 @@ def train(cfg, runtime=None):
     runtime, started = runtime or SingleDevice(cfg), time.time()
     if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
+    if cfg.engine == "vllm":
+        vllm_engine.require()
     found = checkpoints.checkpoints_to_resume(cfg, runtime)  # before any model loads: a relaunch may stop here
     tokenizer, train_split, held_out, student, teacher, teacher_scores = load(cfg, runtime)
     eos_ids = models.stop_token_ids(tokenizer, student, teacher)
@@ -347,7 +322,7 @@ def train(cfg, runtime=None):
     checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
     if cfg.engine == "vllm":
-        runtime.engine = start_engine(cfg, student, teacher, len(tokenizer), eos_ids, start, runtime)
+        runtime.engine = vllm_engine.start(cfg, student, teacher, len(tokenizer), eos_ids, start, runtime.rank)
     if start == 0:
         log.samples(0, "teacher", evaluation.sample_completions(teacher, tokenizer, held_out, cfg, eos_ids, runtime))
         log.record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0,
@@ -362,7 +337,7 @@ def train(cfg, runtime=None):
             row.update(evaluate_at(row["step"], student, tokenizer, held_out, cfg, eos_ids, runtime, log))
         log.record(row)
         if runtime.engine and runtime.engine.has_teacher and row["step"] < cfg.max_steps \
-                and not teacher_needed(cfg, row["step"]):
+                and not vllm_engine.teacher_needed(cfg, row["step"]):
             runtime.engine.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
         if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
@@ -373,23 +348,6 @@ def train(cfg, runtime=None):
     if runtime.is_main:
         log.write_summary(cfg, runtime.world, teacher_scores, started)
     return log.history
-
-
-def teacher_needed(cfg, step):
-    """Whether any rollout from `step` on runs the teacher (for TRB: until its budget has reached 0 for good)."""
-    return any(trb.behavior_needs_teacher(trb.behavior(cfg.method, k, cfg)) for k in range(step, cfg.max_steps))
-
-
-def start_engine(cfg, student, teacher, vocab_size, eos_ids, step, runtime):
-    """The vLLM engine of a run (engine: vllm), with the teacher only while the policy needs it; its folder (the
-    student's weights, the teacher's when it has no local folder) is written under out_dir."""
-    try:
-        import vllm_engine
-    except ImportError as error:
-        die(f"engine: vllm needs the vLLM environment (./run.sh makes .venv-vllm from requirements-vllm.txt): {error}")
-    folder = Path(cfg.out_dir) / "engine" / f"rank{runtime.rank}"
-    return vllm_engine.Engine(cfg, student, teacher, vocab_size, eos_ids, folder,
-                              with_teacher=teacher_needed(cfg, step))
 
 
 def load(cfg, runtime):

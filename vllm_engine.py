@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import trb
+import trb_fast
 
 ARCHITECTURE = "TRBBlendForCausalLM"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors pass by reference
@@ -311,3 +312,52 @@ class Engine:
         ids, logprobs = self.generate(prompts, eps=eps, temperature=temperature, max_new_tokens=max_new_tokens,
                                       seed=seed, token_rule=token_rule)
         return _rollout(input_ids, attention_mask, [c[0] for c in ids], [c[0] for c in logprobs], pad_token_id)
+
+
+def require():
+    """Stops with one line where vLLM is not installed (before any model loads)."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        from config import die
+        die("engine: vllm needs the vLLM environment, .venv-vllm (./run.sh --engine=vllm makes it from "
+            "requirements-vllm.txt)")
+
+
+def teacher_needed(cfg, step):
+    """Whether any rollout from `step` on runs the teacher (for TRB: until its budget has reached 0 for good)."""
+    return any(trb.behavior_needs_teacher(trb.behavior(cfg.method, k, cfg)) for k in range(step, cfg.max_steps))
+
+
+def start(cfg, student, teacher, vocab_size, eos_ids, step, rank):
+    """The engine of a training run (engine: vllm) from `step` on, with the teacher only while the policy needs it;
+    its folder (the student's weights, the teacher's when it has no local folder) is written under out_dir."""
+    return Engine(cfg, student, teacher, vocab_size, eos_ids, Path(cfg.out_dir) / "engine" / f"rank{rank}",
+                  with_teacher=teacher_needed(cfg, step))
+
+
+@torch.no_grad()
+def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids, chunk_size):
+    """
+    (4,) sums over the completion tokens (mask (B, N)) of beta*, KL(mu* || pi_S), log pi_T(token) and H(pi_T), at the
+    rollout's eps and temperature: the diagnostics blended_generate logs, recomputed from the loss forward for a
+    rollout that carries none (the vLLM engine's). student_out, teacher_out: (B, N, V) logits, or (B, N, H) hidden
+    states with heads = (student head, teacher head).
+    """
+    eps, tau = kwargs["eps"], kwargs["temperature"] or 1.0
+    student_out, teacher_out, tokens = student_out[mask], teacher_out[mask], tokens[mask]  # (n, .)
+    total = torch.zeros(4)
+    for start in range(0, tokens.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        s, t = student_out[part].detach(), teacher_out[part]
+        if heads is not None:
+            s, t = trb_fast.head_logits(s, heads[0]), trb_fast.head_logits(t, heads[1])
+        s, t = (trb.canonicalise_eos(x.float() / tau, eos_ids) for x in (s, t))  # (n, V)
+        log_pt = torch.log_softmax(t, -1)
+        entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)
+        logprob = log_pt.gather(-1, tokens[part, None])[:, 0]
+        beta = kl = s.new_zeros(())  # eps = 0: the student itself
+        if eps > 0:
+            beta = trb.solve_beta(s, t, eps)
+            kl = trb.reverse_kl(trb.blend_logprobs(s, t, beta), s)  # KL(mu* || pi_S): mu*'s logits are log mu*
+        total += torch.stack([beta.sum(), kl.sum(), logprob.sum(), entropy.sum()]).cpu()
+    return total

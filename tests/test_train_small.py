@@ -335,6 +335,18 @@ def test_config_errors_from_the_script_are_one_line_without_traceback(tmp_path):
         assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is not None,
+                    reason="vLLM is installed here: the engine starts")
+def test_engine_vllm_without_vllm_is_one_line(tmp_path):
+    """--engine=vllm in an environment without vLLM exits 2 with one line naming the key and the environment, before
+    any model loads."""
+    result = run(f"--out_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}", "--engine=vllm", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: engine: vllm") and ".venv-vllm" in lines[0]
+    assert not (tmp_path / "cache").exists()
+
+
 def test_dataset_without_needed_field_is_rejected(real_folders, tmp_path):
     """A dataset without the answer field stops with one line naming the dataset and the field."""
     result = run(*real_args(real_folders, tmp_path / "run", f"--dataset={real_folders / 'no_answer.jsonl'}"), check=False)

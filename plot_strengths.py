@@ -58,23 +58,24 @@ def plot_strengths(points, path, method="trb"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     span = max(p["initial"]["ci95"][1] for p in points) - min(p["initial"]["ci95"][0] for p in points)
-    xs, moved = plot_x(points, min_gap=max(span, 0.01) * 0.04)
+    xs, moved = plot_x(points, min_gap=max(span, 0.01) * 0.06)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, name in ((axes[0], "final", "final pass@1"), (axes[1], "auc", "AUC (mean pass@1 over evaluations)")):
-        for x, p in zip(xs, points):
+        for rank, (x, p) in enumerate(sorted(zip(xs, points), key=lambda pair: pair[0])):
             stat, initial = p[key], p["initial"]
             ax.errorbar([x], [stat["mean"]], yerr=[[stat["mean"] - stat["ci95"][0]], [stat["ci95"][1] - stat["mean"]]],
                         xerr=[[initial["mean"] - initial["ci95"][0]], [initial["ci95"][1] - initial["mean"]]],
                         fmt="o", capsize=4, color="C0", ecolor="C0")
-            ax.annotate(f"{p['label']} SFT steps", (x, stat["mean"]), textcoords="offset points", xytext=(6, 6),
-                        fontsize=8)
+            ax.annotate(f"{p['label']} SFT steps", (x, stat["mean"]), textcoords="offset points",
+                        xytext=(6, 6 if rank % 2 == 0 else -14), fontsize=8)  # neighbours' labels alternate sides
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xlabel="initial student pass@1 (mean over seeds, 95% CI)", ylabel=f"{method} - opd, {name}",
-               title=f"{method} - opd, {name}: paired by seed, 95% CI")
+               title=name)
         ax.grid(alpha=0.3)
     n = points[0]["final"]["n_seeds"]
-    note = "; points with (almost) the same initial pass@1 drawn side by side" if moved else ""
-    fig.suptitle(f"{method} - opd against the initial student's strength, {n} seeds{note}", fontsize=10)
+    note = "\n(points with about the same initial pass@1 drawn side by side)" if moved else ""
+    fig.suptitle(f"{method} - opd, paired by seed: mean and 95% CI over {n} seeds, against the initial student's "
+                 f"pass@1{note}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -57,6 +57,7 @@ def plot_strengths(points, path, method="trb"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     span = max(p["initial"]["ci95"][1] for p in points) - min(p["initial"]["ci95"][0] for p in points)
     xs, moved = plot_x(points, min_gap=max(span, 0.01) * 0.06)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -71,6 +72,7 @@ def plot_strengths(points, path, method="trb"):
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xlabel="initial student pass@1 (mean over seeds, 95% CI)", ylabel=f"{method} - opd, {name}",
                title=name)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))  # readable ticks on a narrow range
         ax.grid(alpha=0.3)
     n = points[0]["final"]["n_seeds"]
     note = "\n(points with about the same initial pass@1 drawn side by side)" if moved else ""

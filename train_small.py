@@ -344,6 +344,9 @@ def train(cfg, runtime=None):
             runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, optimizer, generator,
                                     cfg.keep_checkpoints)
     log.close()
+    if runtime.engine is not None and runtime.world == 1:  # under torchrun train_fsdp closes it, with the group
+        runtime.engine.close()
+        runtime.engine = None
     runtime.export(student, tokenizer, Path(cfg.out_dir) / "student", eos_ids)
     if runtime.is_main:
         log.write_summary(cfg, runtime.world, teacher_scores, started)

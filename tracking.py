@@ -81,41 +81,35 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
+class _RunApi:
+    """What wandb and trackio share (trackio follows wandb's API): a run whose log() takes scalars and Tables."""
+
+    def scalars(self, step, values):
+        self.run.log(values, step=step)
+
+    def samples(self, step, model_name, rows):
+        table = self.module.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
+        self.run.log({f"samples/{model_name}": table}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class WandB(_RunApi):
     def __init__(self, out, start, resumed, cfg):
         import wandb
-        self.wandb = wandb
+        self.module = wandb
         id_file = out / "wandb_run_id"
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "trb"), name=run_name(out), id=run_id,
                               dir=str(out), config=dataclasses.asdict(cfg), resume="allow" if resumed else None)
 
-    def scalars(self, step, values):
-        self.run.log(values, step=step)
 
-    def samples(self, step, model_name, rows):
-        table = self.wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
-        self.run.log({f"samples/{model_name}": table}, step=step)
-
-    def close(self):
-        self.run.finish()
-
-
-class Trackio:
+class Trackio(_RunApi):
     def __init__(self, out, start, resumed, cfg):
         import trackio
-        self.trackio = trackio
+        self.module = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "trb"), name=run_name(out),
                                 config=dataclasses.asdict(cfg), resume="allow" if resumed else "never", embed=False,
                                 auto_log_cpu=False, auto_log_gpu=False)  # the run's metrics only, no system monitor
-
-    def scalars(self, step, values):
-        self.run.log(values, step=step)
-
-    def samples(self, step, model_name, rows):
-        table = self.trackio.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
-        self.run.log({f"samples/{model_name}": table}, step=step)
-
-    def close(self):
-        self.run.finish()

@@ -14,6 +14,7 @@ import math_data
 import memory_plan
 import models
 import trb
+import vllm_engine
 
 
 def one_process(cfg, decoding=None):
@@ -59,9 +60,8 @@ def _completions(model, tokenizer, questions, n, temperature, cfg, eos_ids, runt
     eval_max_new_tokens: eval_batch_size rows per blended_generate call, or all of them in one engine request."""
     if engine is not None:
         prompts = engine.unpadded(*math_data.encode_prompts(questions, tokenizer, "cpu"))
-        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator, device=generator.device))
         ids, _ = engine.generate(prompts, eps=0.0, temperature=temperature, max_new_tokens=cfg.eval_max_new_tokens,
-                                 n=n, seed=seed)
+                                 n=n, seed=vllm_engine.request_seed(generator))
         return tokenizer.batch_decode([c for per_problem in ids for c in per_problem], skip_special_tokens=True)
     device = next(model.parameters()).device
     per_call = max(1, cfg.eval_batch_size // n)  # problems per call: n * per_call <= eval_batch_size rows

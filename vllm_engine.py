@@ -206,6 +206,11 @@ def _rollout(input_ids, attention_mask, completions, logprobs, pad_token_id):
                        teacher_entropy=nan.clone(), replaced=torch.zeros(B, N, dtype=torch.bool))
 
 
+def request_seed(generator):
+    """A request's sampling seed drawn from a torch generator, so that a seeded (and resumed) run reproduces."""
+    return int(torch.randint(0, 2 ** 31 - 1, (), generator=generator, device=generator.device))
+
+
 class Engine:
     """
     The vLLM engine of one run: created from the HF student and teacher the trainer holds (their weights written to
@@ -307,7 +312,7 @@ class Engine:
                  pad_token_id=None, token_rule=None, **unused):
         """trb.Rollout of left-padded (B, P) prompts, one completion each, like evaluation.rollouts on the HF loop. The
         requests' seeds are drawn from `generator`, so a seeded (and resumed) run reproduces."""
-        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator, device=generator.device)) if generator else 0
+        seed = request_seed(generator) if generator else 0
         prompts = self.unpadded(input_ids, attention_mask)
         ids, logprobs = self.generate(prompts, eps=eps, temperature=temperature, max_new_tokens=max_new_tokens,
                                       seed=seed, token_rule=token_rule)

@@ -198,6 +198,16 @@ def train(tmp_path, engine, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_run(hf, engine):
+    """Per step: loss and rollout diagnostics within 1e-4 (where the HF run logged them), the same greedy accuracy and
+    completion tokens."""
+    for a, b in zip(hf, engine):
+        for name in ("loss", "beta", "realised_kl", "teacher_logprob", "teacher_entropy"):
+            if name in a and not (isinstance(a[name], float) and math.isnan(a[name])):
+                assert b[name] == pytest.approx(a[name], abs=1e-4), (a["step"], name)
+        assert b.get("greedy") == a.get("greedy") and b.get("completion_tokens") == a.get("completion_tokens")
+
+
 @pytest.mark.parametrize("chunked", ["false", "true"])
 def test_training_with_the_engine_matches_the_hf_loop(tmp_path, chunked):
     """train_small.py --engine=vllm with greedy rollouts and an eps > 0 warmup (the teacher dropped from the engine
@@ -208,11 +218,7 @@ def test_training_with_the_engine_matches_the_hf_loop(tmp_path, chunked):
     engine = train(tmp_path, "vllm", f"--chunked_loss={chunked}")
     assert [r["step"] for r in engine] == [r["step"] for r in hf]
     assert any(0 < r.get("beta", 0) < 1 for r in hf)  # the blend was active at some step, not saturated
-    for a, b in zip(hf, engine):
-        for name in ("loss", "beta", "realised_kl", "teacher_logprob", "teacher_entropy"):
-            if name in a and not (isinstance(a[name], float) and math.isnan(a[name])):
-                assert b[name] == pytest.approx(a[name], abs=1e-4), (a["step"], name)
-        assert b.get("greedy") == a.get("greedy") and b.get("completion_tokens") == a.get("completion_tokens")
+    assert_same_run(hf, engine)
 
 
 def test_torchrun_training_with_the_engine_matches_the_hf_loop(tmp_path):
@@ -232,11 +238,7 @@ def test_torchrun_training_with_the_engine_matches_the_hf_loop(tmp_path):
 
     hf, engine = fsdp("hf"), fsdp("vllm")
     assert [r["step"] for r in engine] == [r["step"] for r in hf] == list(range(5))
-    for a, b in zip(hf, engine):
-        for name in ("loss", "beta", "realised_kl", "teacher_logprob", "teacher_entropy"):
-            if name in a and not (isinstance(a[name], float) and math.isnan(a[name])):
-                assert b[name] == pytest.approx(a[name], abs=1e-4), (a["step"], name)
-        assert b.get("greedy") == a.get("greedy") and b.get("completion_tokens") == a.get("completion_tokens")
+    assert_same_run(hf, engine)
 
 
 def test_evaluate_with_the_engine_scores_known_answers(models_dir, benchmark_data, tmp_path):

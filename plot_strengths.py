@@ -93,6 +93,9 @@ def main(argv=None):
     labelled = [tuple(item.split("=", 1)) for item in args.runs]
     if any(len(pair) != 2 for pair in labelled):
         parser.error("each run is LABEL=DIR")
+    missing = [folder for _, folder in labelled if not (Path(folder) / "comparison.json").is_file()]
+    if missing:
+        parser.error(f"{missing[0]}: no comparison.json (write one with train_small.py --compare=opd,trb)")
     points = strength_points(labelled, args.method)
     plot_strengths(points, args.out, args.method)
     print(table(points, args.method), end="")

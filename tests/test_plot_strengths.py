@@ -52,3 +52,11 @@ def test_the_command_writes_the_figure_and_prints_the_table(tmp_path, capsys):
             line.startswith("| 200 ")]
     lo, hi = compare.paired_ci([0.01, 0.03])["ci95"]
     assert len(rows) == 2 and f"+0.020 [{lo:+.3f}, {hi:+.3f}]" in rows[0] and "0.050 [" in rows[1]
+
+
+def test_a_folder_without_comparison_json_stops_with_one_line(tmp_path, capsys):
+    """A LABEL=DIR whose DIR holds no comparison.json exits with code 2 and names the folder."""
+    with pytest.raises(SystemExit) as stop:
+        plot_strengths.main(["--out", str(tmp_path / "fig.png"), f"50={tmp_path / 'nowhere'}"])
+    assert stop.value.code == 2 and "nowhere: no comparison.json" in capsys.readouterr().err
+    assert not (tmp_path / "fig.png").exists()

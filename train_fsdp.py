@@ -26,7 +26,7 @@ the same calls. `forget_forwards` is a workaround on FSDP2's private state (chec
 Launch (same config.yaml and --key=value overrides as train_small.py; NCCL on GPUs, gloo on CPU):
     torchrun --standalone --nproc_per_node=2 train_fsdp.py --max_steps=20         # CPU smoke run (synthetic task)
     torchrun --standalone --nproc_per_node=8 train_fsdp.py --config=configs/qwen3_1.7b_from_8b.yaml  # the paper's run
-    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8   # memory per GPU, no GPU needed
+    python -m scripts.memory_plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8   # memory per GPU, no GPU
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=trb \
         train_fsdp.py --config=... --hsdp_shard_size=8                             # multi-node: same on every node
 
@@ -54,10 +54,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-import checkpoints
-import models
 import train_small as small
-from config import die, load_config
+from distill import checkpoints, models
+from distill.config import die, load_config
 
 
 def init_distributed(timeout_minutes):
@@ -284,10 +283,6 @@ class FSDP(small.SingleDevice):
 
 
 def main():
-    if "--plan" in sys.argv[1:]:  # memory per GPU from the configs alone: no process group, no GPU
-        import memory_plan
-        memory_plan.main(sys.argv[1:])
-        return
     cfg = load_config(sys.argv[1:])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

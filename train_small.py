@@ -36,15 +36,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import evaluation
-import math_data
-import memory_plan
-import models
 import trb
-import trb_fast
-import vllm_engine
-from config import die, load_config
+from distill import checkpoints, compare, evaluation, fast, math_data, memory_plan, models, vllm_engine
+from distill.config import die, load_config
 
 # ------------------------------------------------------------------------------------------------------------------
 # Data: which prompts a step trains on (math_data.py loads and formats them).
@@ -73,8 +67,8 @@ class SingleDevice:
     def __init__(self, cfg=None):
         self.dtype = models.device_and_dtype(cfg)[1] if cfg is not None else torch.float32
         # blended_generate's decoding options: tokens between "all done?" checks, KV cache kind, compiled step
-        self.decoding = (trb.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
-                         if cfg is not None else trb.Decoding())
+        self.decoding = (fast.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
+                         if cfg is not None else fast.Decoding())
         self._decoding_copy = None
         self.engine = None  # a vllm_engine.Engine with engine: vllm (train() starts it)
 
@@ -186,7 +180,7 @@ def forward_completions(model, sequences, mask, P, V, hidden):
     caught = []
     handle = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out[0]))
     try:
-        model(**inputs, logits_to_keep=trb_fast.last_position(sequences))
+        model(**inputs, logits_to_keep=trb.last_position(sequences))
     finally:
         handle.remove()
     return caught[0][:, P - 1:-1]  # (B, N, H)
@@ -240,7 +234,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
     if runtime.engine is not None:
         runtime.engine.sleep()  # a GPU's engine memory is free while the loss runs
     mask = torch.cat([prompt_mask, rollout.completion_mask.long()], 1)  # (B, P+N)
-    stats = rollout.stats()
+    stats = evaluation.rollout_stats(rollout)
     total_tokens = runtime.sum([stats["completion_tokens"]])[0]  # completion tokens of the whole step
     # 2) micro-batches of rows: teacher and student forwards on the sampled sequences (the rollout is data)
     student.train()
@@ -258,7 +252,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
             student_out = forward_completions(student, sequences, row_mask, p, V, cfg.chunked_loss)
             # 3) E1: reverse KL to the teacher at every completion token, with one stop event as in the rollout
             if cfg.chunked_loss:
-                loss = trb.chunked_opd_loss(student_out, runtime.head_weight(student, V), teacher_out, teacher_head,
+                loss = fast.chunked_opd_loss(student_out, runtime.head_weight(student, V), teacher_out, teacher_head,
                                             completion_mask, chunk_size=cfg.loss_chunk_size, topk=cfg.loss_topk,
                                             eos_ids=eos_ids)
             else:
@@ -362,7 +356,8 @@ def load(cfg, runtime):
     with runtime.main_first() if cfg.student == "synthetic" else nullcontext():
         tokenizer = models.load_tokenizer(cfg)
         train_split, held_out = math_data.load_run_splits(cfg, tokenizer, verbose=runtime.is_main)
-        tokenizer, student, teacher, teacher_scores = models.load_models(cfg, train_split, held_out, tokenizer)
+        tokenizer, student, teacher, teacher_scores = models.load_models(cfg, train_split, held_out, tokenizer,
+                                                                         evaluation.score_alone)
     student, teacher = runtime.prepare(student, teacher)
     return tokenizer, train_split, held_out, student, teacher, teacher_scores
 
@@ -412,7 +407,6 @@ def main():
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.compare:
-        import compare
         compare.compare(cfg, train)
     else:
         train(cfg)

@@ -17,13 +17,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import config  # noqa: E402
-import evaluation  # noqa: E402
-import math_data  # noqa: E402
-import synthetic_task  # noqa: E402
 import train_fsdp  # noqa: E402
 import train_small  # noqa: E402
 import trb  # noqa: E402
+from distill import config, evaluation, math_data, synthetic_task  # noqa: E402
 
 calls = {"all_gather": 0, "reduce_scatter": 0}
 

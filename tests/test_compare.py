@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-import compare
+from distill import compare
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (7, 2.3646), (15, 2.1314),

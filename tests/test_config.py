@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import config
+from distill import config
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_LINE = re.compile(r"^(\w+):\s*(.*?)\s+#\s(.*)$")  # key: value  # meaning
@@ -123,7 +123,7 @@ def test_help_lists_every_key(capsys):
 
 def test_synthetic_task_larger_than_its_problem_space_is_refused(capsys):
     """More synthetic problems than task_digits allows stops with one line naming train_size (it would never end)."""
-    import synthetic_task
+    from distill import synthetic_task
     cfg = config.load_config(["--task_digits=1", "--train_size=80", "--eval_size=2"])  # 81 distinct problems
     with pytest.raises(SystemExit):
         synthetic_task.splits(cfg)

@@ -10,9 +10,8 @@ import pytest
 import torch
 import yaml
 
-import checkpoints
-import evaluate
-import synthetic_task
+from distill import checkpoints, synthetic_task
+from scripts import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = 8
@@ -255,7 +254,7 @@ def test_bad_arguments_and_suites_are_one_line(models_dir, benchmark_data, tmp_p
 def test_reference_answers_as_each_dataset_stores_them():
     """OlympiadBench's ['$x$'] lists, AIME's integers, AMC's floats and GSM8K's '#### n' solutions become answers
     that math-verify matches against a boxed completion."""
-    import math_data
+    from distill import math_data
     for stored, completion in ((["$\\frac{1}{2}$"], "so \\boxed{0.5}"), (["$3$", "$4$"], "\\boxed{3, 4}"),
                                (204, "\\boxed{204}"), (27.0, "\\boxed{27}"), ("Work.\n#### 1,200", "\\boxed{1200}")):
         assert math_data.is_correct(completion, evaluate.reference_text(stored), exact=False), stored

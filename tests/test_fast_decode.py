@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trb
-import trb_fast
+from distill import fast
 from test_math import bisect64, logit_cases
 from test_sampler import PAD, left_padded_prompts, tiny_qwen3
 
@@ -20,7 +20,7 @@ EPS_ROWS = torch.tensor([0.0, math.inf, 1e-3, 1e-2, 0.1, 0.5])  # one budget per
 @pytest.fixture
 def no_free_reads(monkeypatch):
     """Run the token rule as inside a torch.compile trace: every iteration, both forms of the blend, no reads."""
-    monkeypatch.setattr(trb_fast, "may_read", lambda x: False)
+    monkeypatch.setattr(trb, "may_read", lambda x: False)
 
 
 @pytest.mark.parametrize("case", list(logit_cases()))
@@ -34,7 +34,7 @@ def test_sync_free_token_rule_equals_the_cpu_shortcuts(case, monkeypatch):
     s, t = logit_cases()[case]
     cpu = trb.solve_beta(s, t, EPS_ROWS), trb.solve_beta(s, t, 0.02)
     blended = trb.blend_logprobs(s, t, cpu[0])
-    monkeypatch.setattr(trb_fast, "may_read", lambda x: False)
+    monkeypatch.setattr(trb, "may_read", lambda x: False)
     assert torch.equal(trb.solve_beta(s, t, EPS_ROWS), cpu[0]) and torch.equal(trb.solve_beta(s, t, 0.02), cpu[1])
     assert torch.equal(trb.blend_logprobs(s, t, cpu[0]), blended)
 
@@ -102,7 +102,7 @@ def test_static_cache_equals_dynamic_cache(temperature):
     """cache='static' (one preallocated StaticCache per model) decodes the tokens of the dynamic cache, greedy and
     with a seeded sampler, on left-padded rows that stop at EOS at different steps."""
     decode = rollout_pair(eps=0.05, temperature=temperature)
-    dynamic, static = decode(), decode(trb.Decoding(cache="static"))
+    dynamic, static = decode(), decode(fast.Decoding(cache="static"))
     assert_same_rollout(static, dynamic)
     assert dynamic.completion_mask[:, -1].sum() < dynamic.completion_mask[:, 0].sum()  # some rows stopped at EOS
 
@@ -112,12 +112,12 @@ def test_compiled_step_equals_eager():
     with a seeded sampler on CPU, also on a second call, which resets and reuses the kept static caches."""
     torch._dynamo.reset()
     decode = rollout_pair(eps=0.05, temperature=1.0)
-    eager = decode(trb.Decoding(cache="static"))
-    compiled = trb.Decoding(cache="static", compile=True)
+    eager = decode(fast.Decoding(cache="static"))
+    compiled = fast.Decoding(cache="static", compile=True)
     assert_same_rollout(decode(compiled), eager)
     assert_same_rollout(decode(compiled), eager)
     with pytest.raises(ValueError):
-        trb.Decoding(compile=True)  # a growing cache cannot be compiled
+        fast.Decoding(compile=True)  # a growing cache cannot be compiled
 
 
 def test_compiled_decode_runs_any_number_of_call_shapes():
@@ -128,7 +128,7 @@ def test_compiled_decode_runs_any_number_of_call_shapes():
     torch._dynamo.reset()
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
     g = torch.Generator().manual_seed(0)
-    compiled, static = (trb.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
+    compiled, static = (fast.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to eager decoding would warn
         for rows, prompt in zip(range(1, 11), (3, 9, 4, 12, 5, 7, 2, 11, 6, 8)):
@@ -149,7 +149,7 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     student, teacher = tiny_qwen3(1), tiny_qwen3(2, layers=3)
     ids, mask = left_padded_prompts()
-    compiled, static = (trb.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
+    compiled, static = (fast.Decoding(cache="static", compile=c, compile_backend="eager") for c in (True, False))
     decode = lambda rows, decoding: trb.blended_generate(
         student, teacher, ids[:rows], mask[:rows], eps=0.05, max_new_tokens=6, eos_token_id=[1, 2], pad_token_id=PAD,
         temperature=1.0, generator=torch.Generator().manual_seed(0), decoding=decoding)

@@ -16,13 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import config  # noqa: E402
-import evaluation  # noqa: E402
-import math_data  # noqa: E402
-import models  # noqa: E402
-import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
 import trb  # noqa: E402
+from distill import config, evaluation, math_data, models, synthetic_task  # noqa: E402
 from conftest import BASE_EOS, CHAT_EOS, qwen3_args, qwen3_sized_model, qwen3_sized_tokenizer  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -135,7 +131,7 @@ def test_evaluation_decodes_at_most_eval_batch_size_rows_per_call(qwen3_folders,
     """Evaluation never decodes more than eval_batch_size rows in one call, decodes eval_max_new_tokens, every
     problem n times for pass@1 and once greedily, and counts each exactly once (a grader that accepts one problem)."""
     from transformers import AutoTokenizer
-    import math_data
+    from distill import math_data
     tokenizer = AutoTokenizer.from_pretrained(qwen3_folders / "student")
     model = qwen3_sized_model(BASE_EOS, 1, 3, hidden=16)
     calls, real = [], trb.blended_generate
@@ -258,7 +254,7 @@ def largest_allocation(run):
 
 def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
     """The models load_models returns never copy their heads: a prefill of 3 rows and the loss's hidden-state forward
-    of 1 row (each keeping the last position by an index, trb_fast.last_position; a strided logits_to_keep=1 slice
+    of 1 row (each keeping the last position by an index, trb.last_position; a strided logits_to_keep=1 slice
     would make torch.matmul multiply by a per-row copy of the frozen head) allocate less than the (V, H) head."""
     cfg = real_config(qwen3_folders, "--dtype=bfloat16")
     _, _, teacher, _ = models.load_models(cfg, None, None)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import config  # noqa: E402
-import gpu_check  # noqa: E402
+from distill import config  # noqa: E402
+from scripts import gpu_check  # noqa: E402
 
 
 def test_training_parts_are_valid_configs(qwen3_folders, tmp_path):
@@ -25,7 +25,7 @@ def test_training_parts_are_valid_configs(qwen3_folders, tmp_path):
 
 def test_without_a_gpu_it_reports_and_exits_cleanly(tmp_path):
     """On a machine without CUDA the check writes report.md naming the machine and stops, exit 0."""
-    result = subprocess.run([sys.executable, "gpu_check.py", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "scripts.gpu_check", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "report.md").read_text()

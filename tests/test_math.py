@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import trb
-import trb_fast
+from distill import fast
 
 EPS_GRID = [1e-3, 1e-2, 0.1, 0.5]
 
@@ -335,7 +335,7 @@ def test_chunked_opd_loss_equals_dense(topk):
     assert mask.sum() % 4 != 0
     dense = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask, topk=topk)
     dense_grads = torch.autograd.grad(dense, (hs, ws))
-    chunked = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4, topk=topk)
+    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4, topk=topk)
     chunked_grads = torch.autograd.grad(chunked, (hs, ws))
     # float32, other op order (matmul shapes, chunked sums, the analytic gradient pi_S (d - KL) with d ~ 10): a few ulp
     # of O(1) values, up to 4.5e-7 measured on entries near 0, so atol 1e-5 (1e-6 left only a 3.7x margin).
@@ -344,7 +344,7 @@ def test_chunked_opd_loss_equals_dense(topk):
     for got, want in zip(chunked_grads, dense_grads):
         torch.testing.assert_close(got, want, **close)
     with torch.no_grad():
-        torch.testing.assert_close(trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, topk=topk), dense, **close)
+        torch.testing.assert_close(fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, topk=topk), dense, **close)
 
 
 def test_chunked_opd_loss_canonicalises_eos():
@@ -356,12 +356,12 @@ def test_chunked_opd_loss_canonicalises_eos():
     mask = torch.ones(2, 5, dtype=torch.bool)
     eos = [3, 17]
     dense = trb.opd_loss(trb.canonicalise_eos(hs @ ws.T, eos), trb.canonicalise_eos(ht @ wt.T, eos), mask)
-    chunked = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, eos_ids=eos)
+    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, eos_ids=eos)
     close = dict(rtol=1e-5, atol=1e-5)  # float32, other op order over V=20: as in test_chunked_opd_loss_equals_dense
     torch.testing.assert_close(chunked, dense, **close)
     for got, want in zip(torch.autograd.grad(chunked, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         torch.testing.assert_close(got, want, **close)
-    assert not torch.allclose(chunked, trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3))
+    assert not torch.allclose(chunked, fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3))
 
 
 def test_chunked_opd_loss_of_an_empty_mask_is_zero_and_differentiable():
@@ -369,7 +369,7 @@ def test_chunked_opd_loss_of_an_empty_mask_is_zero_and_differentiable():
     hidden states, none for the head, which takes no part."""
     hs = torch.randn(2, 3, 8, requires_grad=True)
     ws = torch.randn(10, 8, requires_grad=True)
-    loss = trb.chunked_opd_loss(hs, ws, torch.randn(2, 3, 6), torch.randn(10, 6), torch.zeros(2, 3, dtype=torch.bool))
+    loss = fast.chunked_opd_loss(hs, ws, torch.randn(2, 3, 6), torch.randn(10, 6), torch.zeros(2, 3, dtype=torch.bool))
     assert loss.item() == 0.0
     loss.backward()
     assert bool((hs.grad == 0).all()) and ws.grad is None
@@ -386,7 +386,7 @@ def test_chunked_loss_computes_logits_in_float32_under_autocast():
     reference = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
     (expected,) = torch.autograd.grad(reference, hs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=5)
+        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=5)
     (grad,) = torch.autograd.grad(loss, hs)
     assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
@@ -405,8 +405,8 @@ def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_he
     mask = torch.rand(2, 7, generator=g) > 0.2
     reference = trb.opd_loss(hs.float() @ ws.float().T, ht.float() @ wt.float().T, mask)
     expected = torch.autograd.grad(reference, (hs, ws))
-    monkeypatch.setattr(trb_fast, "HEAD_BLOCK_ROWS", 64)
-    loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4)
+    monkeypatch.setattr(fast, "HEAD_BLOCK_ROWS", 64)
+    loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4)
     grads = torch.autograd.grad(loss, (hs, ws))
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected):  # float32 sums in another order, each rounded once to bf16: 1 ulp apart
@@ -415,7 +415,7 @@ def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_he
     big = torch.randn(20000, 64).to(torch.bfloat16)  # the teacher's head: 5 MB as float32
     student = torch.randn(1, 8, 16, requires_grad=True), torch.randn(20000, 16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trb.chunked_opd_loss(*student, torch.randn(1, 8, 64).to(torch.bfloat16), big,
+        fast.chunked_opd_loss(*student, torch.randn(1, 8, 64).to(torch.bfloat16), big,
                              torch.ones(1, 8, dtype=torch.bool)).backward()
     largest = max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     assert largest < big.numel() * 4 / 2, largest

@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-import config
-import math_data
+from distill import config, math_data
 
 
 @pytest.mark.parametrize("completion, reference", [

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import memory_plan
-import trb
-import trb_fast
+
+from distill import config, fast, memory_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"qwen3_1.7b_from_8b": 8, "qwen3_0.6b_from_4b": 8, "gsm8k_1gpu": 1}  # preset: its world size
@@ -96,17 +94,17 @@ def test_sharding_divides_the_students_state_and_checkpointing_cuts_activations(
 
 
 def test_plan_reads_max_prompt_tokens_and_static_cache_lengths():
-    """The prompt length is the config's max_prompt_tokens; a static cache holds trb_fast.static_cache_length positions
+    """The prompt length is the config's max_prompt_tokens; a static cache holds fast.static_cache_length positions
     per row, a dynamic one prompt + new tokens."""
     cfg = config.load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}"])
     shapes = {key: memory_plan.Shape(memory_plan.builtin_qwen3(getattr(cfg, key))) for key in ("student", "teacher")}
     per_token = shapes["student"].kv_per_token + shapes["teacher"].kv_per_token
     for cache, prompt in (("static", 1024), ("static", 1500), ("dynamic", 1500)):
         result = memory_plan.plan(dataclasses.replace(cfg, cache=cache, max_prompt_tokens=prompt), 8, **shapes)
-        length = trb_fast.static_cache_length(prompt, 7168) if cache == "static" else prompt + 7168
+        length = fast.static_cache_length(prompt, 7168) if cache == "static" else prompt + 7168
         assert result["tokens"]["prompt"] == prompt and result["tokens"]["rollout"] == length
         assert result["moments"]["rollout peak"]["KV caches (bf16)"] == 16 * length * per_token
-    assert trb_fast.static_cache_length(1500, 7168) == 10240 > 1500 + 7168
+    assert fast.static_cache_length(1500, 7168) == 10240 > 1500 + 7168
 
 
 def test_compiled_decoding_keeps_the_largest_static_caches_at_every_moment():
@@ -118,8 +116,8 @@ def test_compiled_decoding_keeps_the_largest_static_caches_at_every_moment():
     shapes = {key: memory_plan.Shape(memory_plan.builtin_qwen3(getattr(cfg, key))) for key in ("student", "teacher")}
     student, teacher = shapes["student"].kv_per_token, shapes["teacher"].kv_per_token
     compiled = memory_plan.plan(dataclasses.replace(cfg, compile=True), 8, **shapes)
-    kept = (max(16 * trb_fast.static_cache_length(1024, 7168), 32 * trb_fast.static_cache_length(1024, 8192)) * student
-            + 16 * trb_fast.static_cache_length(1024, 7168) * teacher)
+    kept = (max(16 * fast.static_cache_length(1024, 7168), 32 * fast.static_cache_length(1024, 8192)) * student
+            + 16 * fast.static_cache_length(1024, 7168) * teacher)
     assert all(terms["static KV caches kept (compile)"] == kept for terms in compiled["moments"].values())
     assert compiled["moments"]["rollout peak"]["KV caches (bf16)"] == 0  # the kept ones are the ones in use
     plain = memory_plan.plan(cfg, 8, **shapes)
@@ -127,7 +125,7 @@ def test_compiled_decoding_keeps_the_largest_static_caches_at_every_moment():
 
 
 def test_plan_command_prints_the_table(tmp_path):
-    """train_fsdp.py --plan prints the table without a process group; a bad --world_size is one line."""
+    """python -m scripts.memory_plan prints the table without a process group; a bad --world_size is one line."""
     result = subprocess.run([sys.executable, "train_fsdp.py", "--plan", "--world_size=8",
                              "--config=configs/qwen3_1.7b_from_8b.yaml"], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=120)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import compare
-import plot_strengths
+from distill import compare
+from scripts import plot_strengths
 
 
 def write_comparison(folder, initial, final_diffs, auc_diffs):

@@ -6,10 +6,8 @@ import re
 
 import pytest
 
-import config
-import math_data
-import prepare_data
-import synthetic_task
+from distill import config, math_data, synthetic_task
+from scripts import prepare_data
 
 DOMAINS = ("math", "code", "science")
 

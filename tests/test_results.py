@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import compare
-import plot_strengths
+from distill import compare
+from scripts import plot_strengths
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "400_steps"

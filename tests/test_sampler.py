@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from tokenizers import Tokenizer, models
 
 import trb
-from models import check_same_vocab
+from distill import evaluation, fast
+from distill.models import check_same_vocab
 
 VOCAB, PAD = 96, 0
 
@@ -204,7 +205,7 @@ def test_skd_keeps_only_teacher_top_k_tokens():
     assert bool((fifth - sixth)[m].min() > 1e-4)
     in_top = (t.topk(5, -1).indices == tokens[..., None]).any(-1)  # (B, N)
     assert bool(in_top[m & ~rollout.replaced].all())
-    assert 0 < rollout.stats()["replaced_frac"] < 1
+    assert 0 < evaluation.rollout_stats(rollout)["replaced_frac"] < 1
     log_ps, log_pt = torch.log_softmax(s, -1), torch.log_softmax(t / 0.6, -1)
     top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, t.topk(5, -1).indices, True)
     q = log_ps.exp() * top + (log_ps.exp() * ~top).sum(-1, keepdim=True) * log_pt.exp()
@@ -305,7 +306,7 @@ def test_bf16_models_and_empty_completions_stay_finite():
     empty = trb.blended_generate(student, teacher, ids, mask, eps=0.05, max_new_tokens=0)
     # Exact: the prompt concatenated with no tokens, and a loss that sums over no positions.
     assert torch.equal(empty.sequences, ids) and empty.completion_mask.shape == (ids.shape[0], 0)
-    assert empty.stats()["completion_tokens"] == 0
+    assert evaluation.rollout_stats(empty)["completion_tokens"] == 0
     logits = torch.randn(ids.shape[0], 0, VOCAB, requires_grad=True)
     loss = trb.opd_loss(logits, logits.detach(), empty.completion_mask)
     assert loss.item() == 0.0
@@ -323,7 +324,7 @@ def test_stop_checked_every_k_tokens_only_adds_masked_padding():
         asks.clear()
         return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=20, temperature=0.0,
                                     eos_token_id=list(range(1, 40)), pad_token_id=PAD,
-                                    decoding=trb.Decoding(stop_check_every=k),
+                                    decoding=fast.Decoding(stop_check_every=k),
                                     all_finished=lambda done: asks.append(1) or bool(done.all()))
     every, (k4, k4_asks) = run(1), (run(4), len(asks))
     n1, n4 = every.completion_mask.shape[1], k4.completion_mask.shape[1]

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import checkpoints
-import config
-import tracking
+from distill import checkpoints, config, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -76,7 +74,7 @@ def test_trackio_offline_gets_the_rows_and_a_samples_table(tmp_path):
     script = f"""
 import dataclasses, json, sys
 sys.path.insert(0, {str(ROOT)!r})
-import checkpoints, config, tracking
+from distill import checkpoints, config, tracking
 out = {str(tmp_path / 'run')!r}
 cfg = dataclasses.replace(config.load_config([]), report_to="trackio", out_dir=out)
 log = checkpoints.RunLog(out, 0, resumed=False, write=True, cfg=cfg)

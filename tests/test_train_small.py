@@ -10,13 +10,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import checkpoints  # noqa: E402
-import config  # noqa: E402
+from distill import checkpoints, config  # noqa: E402
 from conftest import folder_state, relative_weight_error  # noqa: E402
-import math_data  # noqa: E402
-import synthetic_task  # noqa: E402
 import train_small  # noqa: E402
 import trb  # noqa: E402
+from distill import math_data, synthetic_task  # noqa: E402
 
 # A few-second configuration: 1-layer models, 2-digit sums, 2 prompts x 2 rollouts, 12 new tokens.
 TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
@@ -172,7 +170,7 @@ def test_a_compare_run_that_stops_returns_none_from_its_worker(tmp_path, monkeyp
     """A run that stops with config.die in a compare worker returns None, with its line in its progress.log, instead
     of ending the worker process (the pool would then wait for its result forever)."""
     import dataclasses
-    import compare
+    from distill import compare
     monkeypatch.setattr(train_small, "train", lambda cfg: config.die("resume: nothing loads"))
     run_cfg = dataclasses.replace(config.load_config([]), out_dir=str(tmp_path / "run"), num_threads=0)
     assert compare._run(train_small.train, run_cfg) is None
@@ -266,7 +264,7 @@ def test_every_checkpoint_damaged_stops_with_one_line(cache_dir, tmp_path):
 def test_keep_checkpoints_counts_back_from_the_one_just_saved(tmp_path):
     """After a save at step 4 with keep 2, step 4 and the complete checkpoint before it stay; older ones go, and so
     does a newer one (left by a resume that could not load it and fell back); a temporary folder is left alone."""
-    import checkpoints
+    from distill import checkpoints
     for name in ("step_000001", "step_000002", "step_000003", "step_000004", "step_000005", ".tmp-step_000006"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     checkpoints.remove_older_checkpoints(tmp_path, 4, keep=2)

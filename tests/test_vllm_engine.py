@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import test_evaluate  # noqa: E402
 from test_evaluate import benchmark_data, models_dir  # noqa: E402,F401 - fixtures: evaluate.py's models and data
 import trb  # noqa: E402
-import vllm_engine  # noqa: E402
+from distill import vllm_engine  # noqa: E402
 
 V, EOS, PAD = 90, [1, 2], 3  # tokenizer range (the heads have 96 rows), two stop ids, padding id
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import trb
-import trb_fast
+from distill import fast
 
 ARCHITECTURE = "TRBBlendForCausalLM"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors pass by reference
@@ -323,7 +323,7 @@ def require():
     """Stops with one line where vLLM is not installed (before any model loads)."""
     import importlib.util
     if importlib.util.find_spec("vllm") is None:
-        from config import die
+        from distill.config import die
         die("engine: vllm needs the vLLM environment, .venv-vllm (./run.sh --engine=vllm makes it from "
             "requirements-vllm.txt)")
 
@@ -355,7 +355,7 @@ def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids,
         part = slice(start, start + chunk_size)
         s, t = student_out[part].detach(), teacher_out[part]
         if heads is not None:
-            s, t = trb_fast.head_logits(s, heads[0]), trb_fast.head_logits(t, heads[1])
+            s, t = fast.head_logits(s, heads[0]), fast.head_logits(t, heads[1])
         s, t = (trb.canonicalise_eos(x.float() / tau, eos_ids) for x in (s, t))  # (n, V)
         log_pt = torch.log_softmax(t, -1)
         entropy = -(log_pt.exp() * log_pt.nan_to_num(neginf=0.0)).sum(-1)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill import tracking
+
 
 def save_atomically(path, write):
     """write(tmp) fills a temporary folder that is renamed to `path` only when complete."""
@@ -192,7 +194,6 @@ class RunLog:
             rewrite_log(self.out / "samples.jsonl", read_log(self.out / "samples.jsonl", start) if resumed else [])
             self.metrics = open(self.out / "metrics.jsonl", "a")
             if cfg is not None:
-                import tracking
                 self.tracker = tracking.open_tracker(cfg.report_to, out_dir, start, resumed, cfg)
 
     def record(self, row):
@@ -203,7 +204,6 @@ class RunLog:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
             if self.tracker is not None:
-                import tracking
                 self.tracker.scalars(row["step"], tracking.scalars(row))
             if "pass@1" in row:
                 tqdm.write(f"step {row['step']}: pass@1 {row['pass@1']:.3f} greedy {row['greedy']:.3f}")

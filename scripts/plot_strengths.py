@@ -1,5 +1,5 @@
 """
-`python plot_strengths.py --out=docs/strengths.png 50=DIR 100=DIR 200=DIR`: one comparison per initial student
+`python -m scripts.plot_strengths --out=docs/strengths.png 50=DIR 100=DIR 200=DIR`: one comparison per initial student
 strength (each DIR holds the comparison.json that `train_small.py --compare=opd,trb` wrote, the label its
 student_sft_steps), drawn as the paired difference method - OPD in final pass@1 and in AUC, with its 95% interval,
 against the initial pass@1 of the student. Prints the points as a markdown table; reads only comparison.json, so the
@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-import compare
+from distill import compare
 
 
 def strength_points(labelled_dirs, method="trb"):

@@ -1,12 +1,12 @@
 """
 Benchmarks for trb.py, each figure a ratio measured side by side in one process (medians of several runs).
 
-    python bench.py            # every benchmark
-    python bench.py solve      # solve_beta vs one log_softmax at Qwen3's vocabulary (B=8, V=151936, fp32)
-    python bench.py memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
-    python bench.py sampler    # blended_generate vs model.generate on small Qwen3-shaped models
-    python bench.py decode --device=cuda --dtype=bfloat16   # rollout tokens/s at Qwen3 shapes: eager/static/compiled
-    python bench.py engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
+    python -m scripts.bench            # every benchmark
+    python -m scripts.bench solve      # solve_beta vs one log_softmax at Qwen3's vocabulary (B=8, V=151936, fp32)
+    python -m scripts.bench memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
+    python -m scripts.bench sampler    # blended_generate vs model.generate on small Qwen3-shaped models
+    python -m scripts.bench decode --device=cuda --dtype=bfloat16   # rollout tokens/s at Qwen3 shapes: eager/static/compiled
+    python -m scripts.bench engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
 
 CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
 """
@@ -18,11 +18,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import trb
-import trb_fast
+from distill import evaluation, fast
+
+ROOT = Path(__file__).resolve().parents[1]  # the child processes run `python -m scripts.bench` from here
 
 
 def median_time(fn, repeats, warmup=2):
@@ -56,8 +59,8 @@ def _solve_child(runs, repeats):
 def bench_solve(args):
     """solve_beta cost in units of one torch.log_softmax of the same (B, V) tensor: in a fresh process with no
     warm-up (the allocator's first state), then warm (a training loop's steady state)."""
-    out = subprocess.run([sys.executable, __file__, "_solve_child", str(args.runs), str(args.repeats),
-                          f"--threads={args.threads}"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "scripts.bench", "_solve_child", str(args.runs), str(args.repeats),
+                          f"--threads={args.threads}"], cwd=ROOT, capture_output=True, text=True, check=True)
     fresh = json.loads(out.stdout.strip().splitlines()[-1])
     student, teacher = solve_inputs()
     B, V = student.shape
@@ -104,14 +107,14 @@ def token_rule_ops(reads, B=16, V=151936, eps=0.02):
     from torch.profiler import ProfilerActivity, profile
     student, teacher = solve_inputs(B, V)
     noise = torch.empty(1, B, V).exponential_(generator=torch.Generator().manual_seed(1))
-    may_read = trb_fast.may_read
-    trb_fast.may_read = may_read if reads else (lambda x: False)
+    may_read = trb.may_read
+    trb.may_read = may_read if reads else (lambda x: False)
     try:
         trb.blend_token_rule(student, teacher, eps, noise)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trb.blend_token_rule(student, teacher, eps, noise)
     finally:
-        trb_fast.may_read = may_read
+        trb.may_read = may_read
     top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
     return len(top), sum(e.cpu_time_total for e in top) / 1e3
 
@@ -130,7 +133,7 @@ def _peak_memory_child(mode, chunk_size):
     if mode == "dense":
         loss = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
     else:
-        loss = trb.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
     loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(extra_mib=(after - before) / 1024, loss=loss.item())))
@@ -140,8 +143,8 @@ def bench_memory(args):
     """Peak extra memory (forward + backward) of chunked_opd_loss vs dense logits, each in a fresh process."""
     results = {}
     for mode, chunk in (("dense", 0), ("chunked", 1024), ("chunked", 256)):
-        out = subprocess.run([sys.executable, __file__, "_memory_child", mode, str(chunk)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "scripts.bench", "_memory_child", mode, str(chunk)],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
         results[(mode, chunk)] = json.loads(out.stdout.strip().splitlines()[-1])
     dense = results[("dense", 0)]
     print("chunked_opd_loss vs dense opd_loss, B*T=2048, V=151936, H=256, float32, forward + backward "
@@ -203,7 +206,7 @@ def bench_sampler(args):
         t_alone = median_time(lambda: ours(0.0, teacher_model=None), 1, warmup=0)
         blend_ratio.append(t_blend / (t_student + t_teacher))
         student_ratio.append(t_alone / t_student)
-    beta = ours(0.02).stats()["beta"]
+    beta = evaluation.rollout_stats(ours(0.02))["beta"]
     print(f"blended_generate vs model.generate, Qwen3-shaped 4-layer student / 6-layer teacher, H=256, V=4096, "
           f"B={B}, P={P}, {N} new tokens, {torch.get_num_threads()} threads (median of {args.runs} interleaved runs)")
     print(f"  eps=0.02 (mean beta {beta:.3f}): blended / (student.generate + teacher.generate) = "
@@ -224,9 +227,9 @@ def decode_model(name, device, dtype, seed):
     """A random-weight causal LM: Qwen3's published shapes for 0.6B/1.7B/4B/8B (memory_plan.QWEN3, no download), or
     the small CPU shapes of bench_sampler: tiny (4 layers) and small (6 layers)."""
     from transformers import Qwen3ForCausalLM
-    import memory_plan
+    from distill import memory_plan
     if name in ("tiny", "small"):
-        from models import to_compute_dtype  # float32 rotary frequencies, as from_pretrained keeps them
+        from distill.models import to_compute_dtype  # float32 rotary frequencies, as from_pretrained keeps them
         return to_compute_dtype(qwen3_shaped({"tiny": 4, "small": 6}[name], seed=seed).to(device), dtype)
     config = memory_plan.builtin_qwen3(f"Qwen/Qwen3-{name}")
     if config is None:
@@ -267,7 +270,7 @@ def bench_decode(args):
                                       "compiled": ("static", True)}[setting]
                     hf = dict(cache_implementation="static" if cache == "static" else None,
                               disable_compile=not compile)
-                    decoding = trb.Decoding(cache=cache, compile=compile)  # one per setting: its compiled step is kept
+                    decoding = fast.Decoding(cache=cache, compile=compile)  # one per setting: its compiled step is kept
 
                     def ours():
                         return trb.blended_generate(student, teacher, ids, mask, eps=0.02, max_new_tokens=N,
@@ -318,7 +321,7 @@ def bench_engine(args):
     import tempfile
     from pathlib import Path
     from types import SimpleNamespace
-    import vllm_engine
+    from distill import vllm_engine
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     s_name, t_name = args.pairs.split(",")[0].split(":")
     student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
@@ -332,7 +335,7 @@ def bench_engine(args):
     cfg = SimpleNamespace(teacher=str(folder / "teacher_src"), seed=0, max_prompt_tokens=P, max_new_tokens=N,
                           eval_max_new_tokens=N, vllm_cpu_kv_cache_gib=2, vllm_gpu_memory_utilization=0.5)
     engine = vllm_engine.Engine(cfg, student, teacher, V, [], folder / "run")
-    decoding = trb.Decoding(cache="static")
+    decoding = fast.Decoding(cache="static")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn):
@@ -374,7 +377,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
-    decode = parser.add_argument_group("decode (python bench.py decode --device=cuda --dtype=bfloat16)")
+    decode = parser.add_argument_group("decode (python -m scripts.bench decode --device=cuda --dtype=bfloat16)")
     decode.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     decode.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     decode.add_argument("--pairs", default=None, help="student:teacher shapes, comma-separated: tiny, small (CPU), "

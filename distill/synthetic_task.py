@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import trb
-from checkpoints import save_atomically, write_atomically
-from config import die
+from distill.checkpoints import save_atomically, write_atomically
+from distill.config import die
 
 
 def make_problem(rng, max_digits):

@@ -8,8 +8,8 @@ import os
 
 import torch
 
-import synthetic_task
-from config import die
+from distill import synthetic_task
+from distill.config import die
 
 
 def device_and_dtype(cfg):
@@ -51,14 +51,14 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_models(cfg, train, held_out, tokenizer=None):
-    """(tokenizer, student, teacher, teacher_scores). Teacher frozen: eval mode, no grad."""
+def load_models(cfg, train, held_out, tokenizer=None, score=None):
+    """(tokenizer, student, teacher, teacher_scores). Teacher frozen: eval mode, no grad. The embedded task's teacher is
+    scored once on the held-out split, score(model, tokenizer, held_out, cfg) (evaluation.score_alone)."""
     device, dtype = device_and_dtype(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.student == "synthetic":
-        import evaluation  # here, not above: evaluation imports this module
-        score = lambda model: evaluation.evaluate(model, tokenizer, held_out, cfg, seed=cfg.data_seed)
-        teacher, teacher_scores = synthetic_task.teacher(cfg, tokenizer, train, score)
+        teacher, teacher_scores = synthetic_task.teacher(cfg, tokenizer, train,
+                                                         lambda model: score(model, tokenizer, held_out, cfg))
         student = synthetic_task.student(cfg, tokenizer, train)
     else:
         student = load_pretrained("student", cfg.student, cfg, torch.float32)

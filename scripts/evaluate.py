@@ -3,9 +3,9 @@ The paper's evaluation as one command: every benchmark of a suite (configs/eval/
 folder, a hub model, or every checkpoint of a run, which then also names the best one by the suite mean (the paper's
 checkpoint selection).
 
-    python evaluate.py --model=runs/qwen3_1.7b_from_8b/student --suite=configs/eval/qwen3_1.7b_from_8b.yaml
-    python evaluate.py --run=runs/qwen3_1.7b_from_8b --suite=configs/eval/qwen3_1.7b_from_8b.yaml
-    python evaluate.py --model=Qwen/Qwen3-1.7B-Base --suite=configs/eval/quick.yaml --data=math500=./MATH-500
+    python -m scripts.evaluate --model=runs/qwen3_1.7b_from_8b/student --suite=configs/eval/qwen3_1.7b_from_8b.yaml
+    python -m scripts.evaluate --run=runs/qwen3_1.7b_from_8b --suite=configs/eval/qwen3_1.7b_from_8b.yaml
+    python -m scripts.evaluate --model=Qwen/Qwen3-1.7B-Base --suite=configs/eval/quick.yaml --data=math500=./MATH-500
 
 A suite file sets the prompt (as training formats it, or the bare question), the temperature, the length limit and
 its benchmarks: for each a dataset (hub id, config, split), its question and answer fields and n, the samples per
@@ -38,12 +38,9 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-import evaluation
-import math_data
-import models
-import trb
-from checkpoints import complete_checkpoints, write_atomically
-from config import die, parse_flags, read_yaml
+from distill import evaluation, fast, math_data, models
+from distill.checkpoints import complete_checkpoints, write_atomically
+from distill.config import die, parse_flags, read_yaml
 
 FLAGS = {
     "suite": (str, None, "the suite file, e.g. configs/eval/qwen3_1.7b_from_8b.yaml"),
@@ -268,7 +265,7 @@ def pick_engine(name):
 def vllm_engine_sample(source, base, tokenizer, eos_ids, suite, args):
     """sample() on the vLLM engine holding the student alone (vllm_engine.Engine without a teacher): each call's
     prompts in one request, n samples per prompt; sample.close() shuts the engine down before the next model."""
-    import vllm_engine
+    from distill import vllm_engine
     device, _ = models.device_and_dtype(args)
     model = load_model(source, base, args, torch.float32).to(device).eval()
     window = model.config.max_position_embeddings  # the engine's longest sequence: prompt and completion
@@ -297,7 +294,7 @@ def hf_engine(source, base, tokenizer, eos_ids, suite, args):
     training's evaluation decodes), --batch_size rows per call, each call's prompts' n samples side by side."""
     device, dtype = models.device_and_dtype(args)
     model = load_model(source, base, args, dtype).to(device).eval()
-    runtime = evaluation.one_process(None, trb.Decoding(stop_check_every=args.stop_check_every, cache=args.cache,
+    runtime = evaluation.one_process(None, fast.Decoding(stop_check_every=args.stop_check_every, cache=args.cache,
                                                         compile=args.compile))
 
     @torch.no_grad()
@@ -408,7 +405,7 @@ def default_out(args, suite):
 
 def main(argv=None):
     args = parse_flags(sys.argv[1:] if argv is None else argv, FLAGS,
-                       "usage: python evaluate.py --suite=FILE (--model=NAME | --run=DIR) [--key=value ...]")
+                       "usage: python -m scripts.evaluate --suite=FILE (--model=NAME | --run=DIR) [--key=value ...]")
     make_engine = pick_engine(args.engine)  # before anything loads: an engine this environment lacks stops at once
     for key, choices in (("dtype", ("auto", "float32", "bfloat16")), ("cache", ("static", "dynamic"))):
         if getattr(args, key) not in choices:

@@ -21,16 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # report_to -> the package it needs
-REPORT_TO = ("none", *PACKAGES)
+from distill.config import die, missing_package
+
 COLUMNS = ("problem", "question", "completion", "answer", "correct")  # of a shown completion, as the table shows it
-
-
-def missing_package(report_to):
-    """The package report_to needs if it is not installed, else None."""
-    import importlib.util
-    package = PACKAGES.get(report_to)
-    return package if package and importlib.util.find_spec(package) is None else None
 
 
 def run_name(out_dir):
@@ -50,7 +43,6 @@ def open_tracker(report_to, out_dir, start, resumed, cfg):
         return None
     package = missing_package(report_to)
     if package:
-        from config import die
         die(f"report_to: {report_to} needs the {package} package (pip install -r requirements-dev.txt)")
     return {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}[report_to](Path(out_dir), start, resumed,
                                                                                       cfg)

@@ -13,8 +13,8 @@ leaves the others' figures:
   4. engine   bench.py engine at 1.7B <- 8B, 64 rows, 4096 new tokens: the vLLM engine's tokens/s against the HF
               loop's static path, where vLLM is installed (pip install vllm==0.33.0); skipped where it is not.
 
-    python gpu_check.py --out=gpu_report                 # writes gpu_report/report.md and one log per part
-    python gpu_check.py --prepare                        # on a machine with the network: wheels into .whl/
+    python -m scripts.gpu_check --out=gpu_report                 # writes gpu_report/report.md and one log per part
+    python -m scripts.gpu_check --prepare                        # on a machine with the network: wheels into .whl/
 
 The project pins transformers >= 5.24 (its forwards take `cache=`). A machine whose Python has an older transformers
 (or lacks datasets or math-verify) gets them from .whl/ if that folder is there: --prepare downloads their wheels
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ["transformers==5.24.0", "datasets==5.2.0", "math-verify==0.9.0", "latex2sympy2_extended==1.11.0",
           "antlr4-python3-runtime==4.13.2", "dill==0.4.1", "multiprocess==0.70.19"]  # 15 MB; the rest is there
 
@@ -56,7 +56,7 @@ def install_carried(folder, log):
     except ImportError:
         pass
     if not folder.is_dir():
-        return f"not installed: no {folder} (run python gpu_check.py --prepare where the network is, then carry it)"
+        return f"not installed: no {folder} (run python -m scripts.gpu_check --prepare where the network is, then carry it)"
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
                              f"--find-links={folder}", *NEEDED],
                             capture_output=True, text=True)
@@ -69,9 +69,8 @@ def write_models(folder):
     student, chat EOS and template for the teacher), and small prompt and answer files."""
     import torch
     from transformers import Qwen3ForCausalLM
-    sys.path.insert(0, str(ROOT / "tests"))
-    import memory_plan
-    from conftest import BASE_EOS, CHAT_EOS, qwen3_sized_tokenizer
+    from distill import memory_plan
+    from distill.qwen3 import BASE_EOS, CHAT_EOS, qwen3_sized_tokenizer
     for name, size, eos in (("student", "1.7B-Base", BASE_EOS), ("teacher", "8B", [CHAT_EOS, BASE_EOS])):
         if (folder / name / "config.json").exists():
             continue
@@ -112,10 +111,9 @@ def measured_train(argv):
     from contextlib import contextmanager
 
     import torch
-    sys.path.insert(0, str(ROOT))
-    import memory_plan
     import train_small
-    from config import load_config
+    from distill import memory_plan
+    from distill.config import load_config
     cfg = load_config(argv)
     peaks = dict.fromkeys(memory_plan.MOMENTS, 0.0)
 
@@ -181,7 +179,7 @@ def main():
         return print("\n".join(lines))
     parts = args.parts.split(",")
     if "decode" in parts:
-        status, seconds, output = part("decode", [sys.executable, "bench.py", "decode", "--device=cuda",
+        status, seconds, output = part("decode", [sys.executable, "-m", "scripts.bench", "decode", "--device=cuda",
                                                   "--dtype=bfloat16", "--pairs=1.7B:8B", "--batch=16",
                                                   "--new_tokens=1024", "--settings=static,compiled", "--runs=2"],
                                        200, out)
@@ -192,7 +190,7 @@ def main():
         write_models(models)
         lines += [f"Model folders (random weights, bf16) written to {models} in {time.time() - started:.0f} s.", ""]
     if "train" in parts:
-        status, seconds, output = part("train", [sys.executable, __file__, "--_measured_train",
+        status, seconds, output = part("train", [sys.executable, "-m", "scripts.gpu_check", "--_measured_train",
                                                  *run_args(models, out / "run_small")], 150, out)
         lines += [f"## 2. train_small.py, real-model path, 2 steps: {status}, {seconds:.0f} s", ""]
         found = [line for line in output.splitlines() if line.startswith("{")]
@@ -219,7 +217,7 @@ def main():
         except ImportError:
             lines += ["## 4. engine: skipped (vLLM is not installed in this Python)", ""]
         else:
-            status, seconds, output = part("engine", [sys.executable, "bench.py", "engine", "--device=cuda",
+            status, seconds, output = part("engine", [sys.executable, "-m", "scripts.bench", "engine", "--device=cuda",
                                                       "--dtype=bfloat16", "--pairs=1.7B:8B", "--batch=64",
                                                       "--new_tokens=4096", "--prompt_tokens=128", "--runs=1"], 400, out)
             table = [line for line in output.splitlines() if line.startswith(("vLLM engine", "  "))]

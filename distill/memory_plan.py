@@ -2,9 +2,8 @@
 Memory per GPU of a training run, computed from the model configs (on the meta device: no weights, no GPU) for what
 train_small.py (world size 1) and train_fsdp.py (world size > 1) hold at each moment of a step:
 
-    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8 [--max_prompt_tokens=N]
-    python memory_plan.py --config=configs/gsm8k_1gpu.yaml                    # the same; world size 1
-    python memory_plan.py --measure --config=... [--key=value ...]            # also run it on CPU and measure
+    python -m scripts.memory_plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8 [--max_prompt_tokens=N]
+    python -m scripts.memory_plan --measure --config=... [--key=value ...]   # also run it on CPU and measure
 
 Moments: at rest (between steps), the rollout peak (both models decoding rollout_batch_size rows in lockstep), the
 loss forward and the loss backward (one micro-batch's, with all its activations), the optimizer step and the
@@ -15,14 +14,12 @@ completions of the shown_problems (a few rows at step 0), and torch.compile's an
 checks the plan against a real run on CPU (tests/test_memory_plan.py, README).
 """
 import os
-import sys
 from contextlib import contextmanager
 
 import torch
 
-import models
-import trb
-import trb_fast
+from distill import fast, synthetic_task
+from distill.config import die
 
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
@@ -31,7 +28,7 @@ CUDA_CONTEXT = 2 * GiB  # CUDA context, cuBLAS workspaces and NCCL buffers: a fi
 # blend_logprobs' log pi_S, r, the blend and its fallback (measured: 10.7 at the peak, see README)
 TOKEN_RULE_BUFFERS = 12
 STUDENT_RULE_BUFFERS = 7  # the same with the student alone (evaluation): its logits, the noise, log pi_S (measured: 6)
-SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta keeps between calls (trb_fast.Workspace)
+SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta writes in place while it solves a token
 # float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
 # gradient (measured: 4 in each, with two EOS ids)
 LOSS_CHUNK_BUFFERS = 4
@@ -71,7 +68,6 @@ def model_config(name, cfg, key):
     """(config, where it came from) for a hub name or local folder; Qwen3's built-in shapes when offline."""
     from transformers import AutoConfig
     if name == "synthetic":
-        import synthetic_task
         tokenizer = synthetic_task.char_tokenizer()
         layers, hidden = ((cfg.student_layers, cfg.student_hidden) if key == "student"
                           else (cfg.teacher_layers, cfg.teacher_hidden))
@@ -82,7 +78,6 @@ def model_config(name, cfg, key):
                                           trust_remote_code=cfg.trust_remote_code), "config.json"
     except (OSError, ValueError) as error:
         if builtin is None:
-            from config import die
             die(f"{key}: cannot read the config of {name!r}: {str(error).splitlines()[0]}")
         return builtin, "built-in Qwen3 shape"
 
@@ -157,14 +152,14 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     roll_rows, micro_rows = min(cfg.rollout_batch_size or rows, rows), min(cfg.micro_batch_size or rows, rows)
     eval_rows = max(cfg.eval_batch_size, cfg.eval_samples)  # evaluate: n x (eval_batch_size // n) rows, at least n
     static, compiled = cfg.cache == "static", cfg.compile
-    pad = trb_fast.padded_rows if compiled else (lambda r: r)  # compiled calls decode a power of two of rows
+    pad = fast.padded_rows if compiled else (lambda r: r)  # compiled calls decode a power of two of rows
     P = cfg.max_prompt_tokens
     # positions per cache row
-    length = (lambda n: trb_fast.static_cache_length(P, n)) if static else (lambda n: P + n)
+    length = (lambda n: fast.static_cache_length(P, n)) if static else (lambda n: P + n)
     L_roll, L_eval = length(cfg.max_new_tokens), length(cfg.eval_max_new_tokens)
     teacher_sharded = fsdp and cfg.teacher_sharding == "shard"
     Ns, Nt, V = student.params, teacher.params, student.vocab
-    # compile: each model keeps its last static cache (trb_fast.Decoding) through the loss and evaluation
+    # compile: each model keeps its last static cache (fast.Decoding) through the loss and evaluation
     kept = {"student": max(pad(roll_rows) * L_roll, pad(eval_rows) * L_eval) * student.kv_per_token,
             "teacher": pad(roll_rows) * L_roll * teacher.kv_per_token} if compiled else {"student": 0, "teacher": 0}
 
@@ -206,7 +201,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         teacher_out = (tokens + completions) * teacher.hidden * BF16
         chunk = min(cfg.loss_chunk_size, completions)
         loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
-                + (chunk + trb_fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
+                + (chunk + fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
         if teacher_sharded:
             loss += BF16 * V * teacher.hidden  # the gathered teacher head, copied for the loss's backward
         # the student head's gradient in its weight's dtype: the chunks' sum and the newest chunk's (a tied head's
@@ -272,71 +267,6 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
             "tokens": {"prompt": P, "rollout": L_roll, "eval": L_eval}}
 
 
-def measure(cfg):
-    """
-    Peak bytes per moment of a real train_small.train(cfg) on CPU, measured: torch.profiler's memory events (every
-    allocation and free of the CPU allocator, in time order) summed into the bytes allocated at each instant, whose
-    maximum is read inside the ranges a run marks with the moments' names (moment). The live
-    tensors are counted after each optimizer step; their difference to the running sum at that instant (tensors the
-    profiler never saw allocated, such as weights from_pretrained converts to another dtype) is added to every
-    moment. At rest is the sum when a later step's rollout begins.
-    """
-    import gc
-    import warnings
-
-    import train_small
-    from config import die
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    from torch.profiler import ProfilerActivity, profile, record_function
-    if models.device_and_dtype(cfg)[0].type != "cpu":
-        die("measure: CPU only (on a GPU, read torch.cuda.max_memory_allocated in each moment instead)")
-    live = []
-
-    def count_live(*_):
-        gc.collect()
-        storages = {}
-        with warnings.catch_warnings(), record_function("census"):  # isinstance on some objects warns
-            warnings.simplefilter("ignore")
-            for obj in gc.get_objects():
-                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                    try:
-                        storage = obj.untyped_storage()
-                        storages[storage.data_ptr()] = storage.nbytes()
-                    except RuntimeError:  # a fake tensor that an earlier torch.compile trace left: holds no memory
-                        continue
-        live.append(sum(storages.values()))
-
-    handle = register_optimizer_step_post_hook(count_live)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            train_small.train(cfg)
-    finally:
-        handle.remove()
-    events = prof.profiler.kineto_results.events()
-    allocated, times, total = [], [], 0
-    for time, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
-        total += nbytes
-        times.append(time)
-        allocated.append(total)
-    import bisect
-    at = lambda t: allocated[bisect.bisect_right(times, t) - 1] if times and times[0] <= t else 0
-    censuses = sorted(e.start_ns() for e in events if e.name() == "census")
-    if not censuses:
-        die("measure: no optimizer step ran (max_steps: at least 1)")
-    offset = live[-1] - at(censuses[-1])
-    # at rest: when a later step's rollout begins (the census itself runs inside train_step, whose last micro-batch
-    # is still referenced)
-    rollouts = [e.start_ns() for e in events if e.name() == MOMENT + "rollout peak"]
-    peaks = {"at rest": max([at(t) + offset for t in rollouts if t > censuses[0]] or live)}
-    for e in events:
-        name = e.name().removeprefix(MOMENT)
-        if name != e.name():
-            first, last = bisect.bisect_left(times, e.start_ns()), bisect.bisect_right(times, e.end_ns())
-            peak = max([at(e.start_ns())] + allocated[first:last]) + offset
-            peaks[name] = max(peaks.get(name, 0), peak)
-    return {m: peaks[m] for m in MOMENTS if m in peaks}
-
-
 def format_plan(result, title=""):
     """A table in GiB: terms by moment, the totals and whether each fits gpu_gib."""
     moments = list(result["moments"])
@@ -358,64 +288,3 @@ def format_plan(result, title=""):
         lines.append("vllm_gpu_memory_utilization is too small: both models' weights fill the engine's fraction, "
                      "leaving no KV pool")
     return "\n".join(lines)
-
-
-def format_comparison(planned, measured):
-    """The plan (without the CUDA allowance, which a CPU does not need) against a measured run, in MiB, per moment:
-    totals, and what each moment adds to the state at rest."""
-    MiB, context = 1024 ** 2, planned["moments"]["at rest"]["CUDA context, NCCL (allowance)"]
-    plan_total = {m: planned["totals"][m] - context for m in measured}
-    lines = [f"{'MiB':<16}{'measured':>10}{'plan':>10}{'plan/measured':>15}{'above rest: measured':>22}{'plan':>8}"
-             f"{'plan/measured':>15}"]
-    for m, value in measured.items():
-        above = value - measured["at rest"], plan_total[m] - plan_total["at rest"]
-        ratio = f"{above[1] / above[0]:>15.2f}" if above[0] > 0 else f"{'':>15}"
-        lines.append(f"{m:<16}{value / MiB:>10.1f}{plan_total[m] / MiB:>10.1f}{plan_total[m] / value:>15.2f}"
-                     f"{above[0] / MiB:>22.1f}{above[1] / MiB:>8.1f}{ratio}")
-    return "\n".join(lines)
-
-
-def main(argv):
-    """--plan [--world_size=N] [--gpu_gib=N] [--measure] and the usual --config/--key=value arguments."""
-    from config import die, load_config
-    options = {"world_size": 1, "gpu_gib": 80}
-    rest = []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg in ("--plan", "--measure"):
-            continue
-        if arg.startswith("--") and name in options:
-            if not value.isdigit() or int(value) < 1:
-                die(f"{name}: expected a positive integer, got {value!r}")
-            options[name] = int(value)
-        else:
-            rest.append(arg)
-    cfg = load_config(rest)
-    world = options["world_size"]
-    if cfg.batch_size * cfg.rollouts_per_prompt % world:
-        die(f"world_size: {world} does not divide the {cfg.batch_size * cfg.rollouts_per_prompt} rows of a step")
-    if "--measure" in argv and world > 1:
-        die("world_size: --measure runs train_small.py, world size 1")
-    sources = {key: model_config(getattr(cfg, key), cfg, key) for key in ("student", "teacher")}
-    result = plan(cfg, world, options["gpu_gib"], *(Shape(config) for config, _ in sources.values()))
-    script = "train_fsdp.py" if world > 1 else "train_small.py"
-    print(f"{script}, world size {world}: student {cfg.student} ({result['student_params'] / 1e9:.2f}B params, "
-          f"{sources['student'][1]}), teacher {cfg.teacher} ({result['teacher_params'] / 1e9:.2f}B, "
-          f"{sources['teacher'][1]})")
-    tokens = result["tokens"]
-    print(f"rows per rank: {result['rows']['rollout']} per decode call, {result['rows']['micro']} per loss "
-          f"micro-batch, {result['rows']['eval']} per evaluation call; tokens per row: {tokens['prompt']} prompt "
-          f"(max_prompt_tokens) + {cfg.max_new_tokens} new (evaluation: + {cfg.eval_max_new_tokens}); "
-          f"{cfg.cache} KV caches of {tokens['rollout']} (evaluation: {tokens['eval']}) positions"
-          + (", kept between calls (compile)" if cfg.compile else ""))
-    print(format_plan(result))
-    if "--measure" in argv:
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        print(f"\nmeasured on CPU ({torch.get_num_threads()} threads), train_small.train for {cfg.max_steps} steps:")
-        print(format_comparison(result, measure(cfg)))
-    return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

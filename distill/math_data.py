@@ -11,9 +11,8 @@ import os
 import re
 import threading
 
-import models
-import synthetic_task
-from config import die
+from distill import models, synthetic_task
+from distill.config import die
 
 
 def _load(name, config_name, key):

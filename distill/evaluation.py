@@ -3,6 +3,7 @@ Decoding outside the loss, for train_small.py and train_fsdp.py: rollouts in cal
 held-out pass@1 of the student alone, and the greedy completions of the shown problems. Each takes the run's hooks
 (train_small.SingleDevice or train_fsdp.FSDP) for what several processes must do together.
 """
+import math
 from contextlib import nullcontext
 from dataclasses import fields
 from types import SimpleNamespace
@@ -10,18 +11,15 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-import math_data
-import memory_plan
-import models
 import trb
-import vllm_engine
+from distill import fast, math_data, memory_plan, models, vllm_engine
 
 
 def one_process(cfg, decoding=None):
     """The hooks evaluate and rollouts read, for one process with nothing to gather or reduce: what a caller without
     train_small.SingleDevice gets (the embedded task scores its teacher once, alone, before any run; evaluate.py)."""
     return SimpleNamespace(world=1, share=lambda n: slice(0, n), gathered=lambda *m: nullcontext(),
-                           all_finished=lambda done: bool(done.all()), sum=list, decoding=decoding or trb.Decoding())
+                           all_finished=lambda done: bool(done.all()), sum=list, decoding=decoding or fast.Decoding())
 
 
 def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, engine=None, **kwargs):
@@ -39,6 +37,19 @@ def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime
                                       decoding=runtime.decoding, **kwargs)
                  for i in range(0, input_ids.shape[0], rows_per_call)]
     return cat_rollouts(parts, kwargs.get("pad_token_id"))
+
+
+def rollout_stats(rollout):
+    """Means over completion tokens of a trb.Rollout's diagnostics, as training logs them (docs/method.md section 7)."""
+    m = rollout.completion_mask
+    n = int(m.sum())
+
+    def mean(x):
+        return float(x[m].float().mean()) if n else math.nan
+
+    return dict(beta=mean(rollout.beta), realised_kl=mean(rollout.realised_kl),
+                teacher_logprob=mean(rollout.teacher_logprobs), teacher_entropy=mean(rollout.teacher_entropy),
+                replaced_frac=mean(rollout.replaced), completion_tokens=n)
 
 
 def cat_rollouts(parts, pad_token_id=None):
@@ -111,6 +122,11 @@ def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None, 
     model.train(was_training)
     pass_correct, greedy_correct = runtime.sum([correct["pass@1"], correct["greedy"]])
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
+
+
+def score_alone(model, tokenizer, held_out, cfg):
+    """The held-out scores of a model evaluated alone, before any run (the embedded task's teacher, once)."""
+    return evaluate(model, tokenizer, held_out, cfg, seed=cfg.data_seed)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ key's comment (tests/test_config.py checks that the two agree, key by key and in
 A bad file, key or value stops the run with one line that names it (`die`), never a traceback.
 """
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -19,11 +20,20 @@ from types import SimpleNamespace
 
 import yaml
 
-import tracking
 import trb
 
-DEFAULT_PATH = Path(__file__).with_name("config.yaml")
-PRESETS_DIR = Path(__file__).with_name("configs")  # whole configs for real models: the paper's pairs, one GPU
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "config.yaml"
+PRESETS_DIR = DEFAULT_PATH.with_name("configs")  # whole configs for real models: the paper's pairs, one GPU
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # report_to -> its package
+REPORT_TO = ("none", *TRACKER_PACKAGES)
+
+
+def missing_package(report_to):
+    """The package report_to needs (tracking.py) if it is not installed, else None."""
+    package = TRACKER_PACKAGES.get(report_to)
+    return package if package and importlib.util.find_spec(package) is None else None
 
 
 def die(message):
@@ -104,7 +114,7 @@ class Config:
     adam_beta2: float = key("AdamW beta2 (paper)", PROBABILITY_MOMENT)
     weight_decay: float = key("AdamW weight decay (paper)", at_least(0))
     grad_clip: float = key("gradient-norm clip (paper)", above(0))
-    chunked_loss: bool = key("true: trb.chunked_opd_loss from hidden states (large vocabularies), false: trb.opd_loss")
+    chunked_loss: bool = key("true: fast.chunked_opd_loss from hidden states (large vocabularies), false: trb.opd_loss")
     loss_chunk_size: int = key("tokens per chunk of chunked_opd_loss", at_least(1))
     loss_topk: int = key("0 = exact full-vocabulary KL; k > 0 = the paper's student top-k estimate", at_least(0))
     activation_checkpointing: bool = key("recompute each decoder layer of the student in backward (less activation "
@@ -137,7 +147,7 @@ class Config:
     overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
     report_to: str = key("metrics tracker of every metrics.jsonl row and the shown completions: none, tensorboard, "
                          "wandb or trackio (an optional package each: requirements-dev.txt)",
-                         one_of(*tracking.REPORT_TO))
+                         one_of(*REPORT_TO))
     compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
                        POLICIES)
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",
@@ -308,8 +318,8 @@ def load_config(argv):
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
-    if tracking.missing_package(cfg.report_to):  # before any model loads, not at the first logged row
-        die(f"report_to: {cfg.report_to} needs the {tracking.missing_package(cfg.report_to)} package, which is not "
+    if missing_package(cfg.report_to):  # before any model loads, not at the first logged row
+        die(f"report_to: {cfg.report_to} needs the {missing_package(cfg.report_to)} package, which is not "
             f"installed (pip install -r requirements-dev.txt)")
     if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in cfg.compare.split(",")):
         die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")

@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import math_data
-import models
-from config import die
+from distill import checkpoints, evaluation, math_data, models
+from distill.config import die
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +102,7 @@ def _prepare(run_cfg):
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
     with open(os.devnull, "w") as quiet, redirect_stderr(quiet), redirect_stdout(quiet):
-        models.load_models(run_cfg, *math_data.load_run_splits(run_cfg))
+        models.load_models(run_cfg, *math_data.load_run_splits(run_cfg), score=evaluation.score_alone)
 
 
 def compare(cfg, train):
@@ -124,7 +122,7 @@ def compare(cfg, train):
     else:
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).
-        models.load_models(cfg, *math_data.load_run_splits(cfg))
+        models.load_models(cfg, *math_data.load_run_splits(cfg), score=evaluation.score_alone)
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(functools.partial(_run, train), configs.values())

@@ -117,9 +117,11 @@ def forget_forwards(model):
 
 class FSDP(small.SingleDevice):
     """train_small.SingleDevice's hooks for FSDP2 under torchrun: the whole distributed part of training."""
+    decodes_compute_dtype = True  # the gathered mixed-precision parameters are in the compute dtype already
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        self.dtype = models.device_and_dtype(cfg)[1]
+        self.decoder = None  # the run's decoder, closed with the process group (close_decoder)
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_minutes)
         self.mesh = device_mesh(self.device, self.world, cfg.hsdp_shard_size)
         self.teacher_sharding = cfg.teacher_sharding
@@ -164,10 +166,6 @@ class FSDP(small.SingleDevice):
                 if model is not None and not any(p.requires_grad for p in model.parameters()):
                     forget_forwards(model)
 
-    def for_decoding(self, student):
-        """The student itself: its gathered mixed-precision parameters are already in the compute dtype."""
-        return student
-
     def sync_gradients(self, student, last):
         """Gradients accumulate unsharded (in float32) over micro-batches and are reduce-scattered once, on the last."""
         student.set_requires_gradient_sync(last)
@@ -200,6 +198,11 @@ class FSDP(small.SingleDevice):
         teardown), then exits with code 2; rank 0 says why in one line."""
         close(self)
         super().stop(message)
+
+    def close_decoder(self, decoder):
+        """Kept until close(): under torchrun the vLLM engine's teardown closes the process group, which the export
+        still needs."""
+        self.decoder = decoder
 
     def share(self, n):
         """This rank's contiguous rows of a global batch of n."""
@@ -298,8 +301,8 @@ def close(runtime):
     whose teardown closes it too."""
     gc.collect()  # free FSDP's last gloo work objects while the interpreter is whole (else, rarely, SIGABRT at exit)
     dist.barrier()
-    if runtime.engine is not None:
-        runtime.engine.close()
+    if runtime.decoder is not None:
+        runtime.decoder.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 

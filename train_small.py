@@ -12,7 +12,7 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     python train_small.py --resume=true                     # continue from the last checkpoint in out_dir
     python train_small.py --overwrite=true                  # start over in an out_dir that holds a run's checkpoints
     python train_small.py --compare=opd,trb                  # seeds 0-7, paired differences with 95% intervals
-    python train_small.py --config=configs/gsm8k_1gpu.yaml                 # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
+    python train_small.py --config=configs/gsm8k_1gpu.yaml  # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
 Read top-down: the data order, the hooks where train_fsdp.py differs, the training step, then the run: train() is
 its loop. Elsewhere: config.py (every key, its type, check and meaning), models.py (loading the models, dtypes, stop
@@ -22,7 +22,6 @@ to TensorBoard, wandb or trackio: report_to), synthetic_task.py (the embedded of
 student), compare.py (--compare over seeds). prepare_data.py writes the paper's training prompts and evaluate.py runs
 the paper's evaluation suites on the exported student or every checkpoint.
 """
-import copy
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,14 +63,7 @@ def train_questions(train, step, cfg):
 class SingleDevice:
     """train_small.py's hooks: one process, all rows, nothing to gather or reduce."""
     rank, world = 0, 1
-
-    def __init__(self, cfg=None):
-        self.dtype = models.device_and_dtype(cfg)[1] if cfg is not None else torch.float32
-        # blended_generate's decoding options: tokens between "all done?" checks, KV cache kind, compiled step
-        self.decoding = (fast.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
-                         if cfg is not None else fast.Decoding())
-        self._decoding_copy = None
-        self.engine = None  # a vllm_engine.Engine with engine: vllm (train() starts it)
+    decodes_compute_dtype = False  # float32 master weights: a bf16 run decodes a bf16 copy (evaluation.HFDecoder)
 
     @property
     def is_main(self):
@@ -88,23 +81,6 @@ class SingleDevice:
     def gathered(self, *models):
         """Context in which the models' full parameters stay in memory (FSDP: all-gathered once, for a whole block)."""
         return nullcontext()
-
-    @torch.no_grad()
-    def for_decoding(self, student):
-        """
-        The student as rollouts and evaluation run it. With a bf16 compute dtype: a bf16 copy of the float32 master
-        weights, refreshed on every call (2 bytes per parameter). Under autocast the float32 model itself would keep
-        float32 keys in its KV cache (RMSNorm's float32 weight upcasts them), twice the memory. FSDP: the model
-        itself, whose mixed-precision parameters are bf16 already.
-        """
-        if self.dtype == torch.float32:
-            return student
-        if self._decoding_copy is None:
-            copied = models.to_compute_dtype(copy.deepcopy(student), self.dtype)
-            self._decoding_copy = copied.eval().requires_grad_(False)
-        for target, source in zip(self._decoding_copy.parameters(), student.parameters()):
-            target.copy_(source)
-        return self._decoding_copy
 
     def sync_gradients(self, student, last):
         """Called before each micro-batch's backward: whether to reduce gradients now (FSDP: on the last only)."""
@@ -143,6 +119,10 @@ class SingleDevice:
 
     def load_checkpoint(self, path, student, optimizer, generator, cfg):
         return checkpoints.load_checkpoint(path, student, optimizer, generator, cfg.trust_remote_code)
+
+    def close_decoder(self, decoder):
+        """Frees the run's decoder once training is done (FSDP: later, with the process group)."""
+        decoder.close()
 
     def export(self, student, tokenizer, path, eos_ids):
         """The final student as a plain Hugging Face folder (safetensors) that from_pretrained loads, which stops
@@ -208,37 +188,48 @@ def teacher_view_sums(teacher_logits, tokens, mask):
     return logprob, entropy
 
 
-def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids, runtime):
+@dataclass
+class Run:
+    """What a training step and an evaluation read: the config and the hooks (SingleDevice, or train_fsdp.FSDP), the
+    models and their tokenizer, the optimizer, the rollout sampler's generator, the stop ids, and the decoder of
+    rollouts and evaluation (evaluation.HFDecoder, or the vLLM engine)."""
+    cfg: object
+    runtime: SingleDevice
+    tokenizer: object
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    eos_ids: list
+    decoder: object = None
+
+
+def train_step(run, questions, step):
     """
     One OPD update on `questions` (under FSDP: this rank's share of the step's prompts). The loss of each micro-batch
     is its sum of per-token KL divided by the completion tokens of the whole step (all ranks), so neither rollout
     batching, micro-batching nor the number of ranks changes the update.
     """
+    cfg, runtime, student, teacher, decoder = run.cfg, run.runtime, run.student, run.teacher, run.decoder
     device = next(student.parameters()).device
-    V = len(tokenizer)  # shared tokenizer range: heads may be wider (padded vocab)
+    V = len(run.tokenizer)  # shared tokenizer range: heads may be wider (padded vocab)
     started = time.time()
     kwargs = trb.behavior(cfg.method, step, cfg)  # eps from kl_budget (E5), temperature, token rule of `method`
-    prompts = [math_data.format_prompt(q, tokenizer, cfg) for q in questions]
+    prompts = [math_data.format_prompt(q, run.tokenizer, cfg) for q in questions]
     input_ids, prompt_mask = (x.repeat_interleave(cfg.rollouts_per_prompt, 0)  # (B, P), B = prompts * rollouts
-                              for x in math_data.encode_prompts(prompts, tokenizer, device))
+                              for x in math_data.encode_prompts(prompts, run.tokenizer, device))
     B, P = input_ids.shape
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
-    with models.autocast(cfg), memory_plan.moment("rollout peak"):
-        behavior_teacher = teacher if trb.behavior_needs_teacher(kwargs) else None  # online only when the policy asks
-        decoder = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
-        rollout = evaluation.rollouts(decoder, behavior_teacher, input_ids, prompt_mask,
-                                      cfg.rollout_batch_size, runtime, engine=runtime.engine,
-                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
-                                      pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=V, **kwargs)
-    if runtime.engine is not None:
-        runtime.engine.sleep()  # a GPU's engine memory is free while the loss runs
+    with memory_plan.moment("rollout peak"):
+        rollout = decoder.rollouts(input_ids, prompt_mask, run.generator, **kwargs)
+    decoder.sleep()  # a GPU's engine memory is free while the loss runs
     mask = torch.cat([prompt_mask, rollout.completion_mask.long()], 1)  # (B, P+N)
     stats = evaluation.rollout_stats(rollout)
     total_tokens = runtime.sum([stats["completion_tokens"]])[0]  # completion tokens of the whole step
     # 2) micro-batches of rows: teacher and student forwards on the sampled sequences (the rollout is data)
     student.train()
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     loss_sum = logprob_sum = entropy_sum = 0.0
     visited = torch.zeros(4)  # engine: sums of beta, realised KL, teacher log-prob and entropy over visited tokens
     micro = cfg.micro_batch_size or B
@@ -253,18 +244,18 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
             # 3) E1: reverse KL to the teacher at every completion token, with one stop event as in the rollout
             if cfg.chunked_loss:
                 loss = fast.chunked_opd_loss(student_out, runtime.head_weight(student, V), teacher_out, teacher_head,
-                                            completion_mask, chunk_size=cfg.loss_chunk_size, topk=cfg.loss_topk,
-                                            eos_ids=eos_ids)
+                                             completion_mask, chunk_size=cfg.loss_chunk_size, topk=cfg.loss_topk,
+                                             eos_ids=run.eos_ids)
             else:
-                student_out, teacher_out = (trb.canonicalise_eos(x, eos_ids) for x in (student_out, teacher_out))
+                student_out, teacher_out = (trb.canonicalise_eos(x, run.eos_ids) for x in (student_out, teacher_out))
                 loss = trb.opd_loss(student_out, teacher_out, completion_mask, topk=cfg.loss_topk)
                 # the teacher's view of the visited tokens for every method, from this forward
                 logprob, entropy = teacher_view_sums(teacher_out, sequences[:, p:], completion_mask)
                 logprob_sum, entropy_sum = logprob_sum + logprob, entropy_sum + entropy
-            if runtime.engine is not None:  # the engine returns tokens only: the diagnostics from this forward
+            if not decoder.rollout_diagnostics:  # the engine returns tokens only: the diagnostics from this forward
                 heads = (runtime.head_weight(student, V), teacher_head) if cfg.chunked_loss else None
                 visited += vllm_engine.visited_sums(student_out, teacher_out, heads, sequences[:, p:],
-                                                    completion_mask, kwargs, eos_ids, cfg.loss_chunk_size)
+                                                    completion_mask, kwargs, run.eos_ids, cfg.loss_chunk_size)
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))
@@ -272,25 +263,25 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
             (loss * runtime.world).backward()
         loss_sum += loss.item()
     # 4) AdamW step with grad-norm clipping, lr from the warmup schedule
-    for group in optimizer.param_groups:
+    for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     with memory_plan.moment("optimizer step"):
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        optimizer.step()
+        run.optimizer.step()
+    decoder.wake_up()
+    decoder.sync(student)  # the updated student decodes the next step
     # Metrics: token means over the whole step (sums over ranks); NaN where the teacher did not run.
-    names = ("beta", "realised_kl", "replaced_frac", "teacher_logprob", "teacher_entropy")
     n = stats["completion_tokens"]
-    sums = [stats[k] * n if n else 0.0 for k in names]
+    sums = {k: stats[k] * n if n else 0.0
+            for k in ("beta", "realised_kl", "replaced_frac", "teacher_logprob", "teacher_entropy")}
     if not cfg.chunked_loss:
-        sums[3:] = [logprob_sum, entropy_sum]
-    if runtime.engine is not None:
-        sums[0], sums[1], sums[3], sums[4] = visited.tolist()
-        runtime.engine.wake_up()
-        runtime.engine.sync(student)  # the updated student decodes the next step
-    loss, *sums = runtime.sum([loss_sum, *sums])
+        sums.update(teacher_logprob=logprob_sum, teacher_entropy=entropy_sum)
+    if not decoder.rollout_diagnostics:
+        sums.update(zip(("beta", "realised_kl", "teacher_logprob", "teacher_entropy"), visited.tolist()))
+    loss, *totals = runtime.sum([loss_sum, *sums.values()])
     return {"step": step + 1, "loss": loss, "eps": kwargs["eps"], "temperature": kwargs["temperature"],
-            **{k: s / total_tokens if total_tokens else math.nan for k, s in zip(names, sums)},
+            **{k: s / total_tokens if total_tokens else math.nan for k, s in zip(sums, totals)},
             "completion_tokens": int(total_tokens), "grad_norm": grad_norm.item(), "lr": lr_at(step, cfg),
             "tokens_per_s": total_tokens / (time.time() - started)}
 
@@ -302,7 +293,7 @@ def train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, gen
 def train(cfg, runtime=None):
     """One distillation run; the main process writes metrics.jsonl, samples.jsonl, summary.json, checkpoints and the
     final student to out_dir (checkpoints.py: what a relaunch or a resume finds there)."""
-    runtime, started = runtime or SingleDevice(cfg), time.time()
+    runtime, started = runtime or SingleDevice(), time.time()
     if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     if cfg.engine == "vllm":
@@ -310,41 +301,56 @@ def train(cfg, runtime=None):
     found = checkpoints.checkpoints_to_resume(cfg, runtime)  # before any model loads: a relaunch may stop here
     tokenizer, train_split, held_out, student, teacher, teacher_scores = load(cfg, runtime)
     eos_ids = models.stop_token_ids(tokenizer, student, teacher)
-    device = next(student.parameters()).device
-    generator = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # the rollout sampler's RNG
-    optimizer = make_optimizer(student, cfg)
-    checkpoint, start = checkpoints.resume_from(found, student, optimizer, generator, cfg, runtime)
+    generator = torch.Generator(next(student.parameters()).device).manual_seed(cfg.seed + runtime.rank)  # rollouts'
+    run = Run(cfg, runtime, tokenizer, student, teacher, make_optimizer(student, cfg), generator, eos_ids)
+    checkpoint, start = checkpoints.resume_from(found, student, run.optimizer, generator, cfg, runtime)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
-    if cfg.engine == "vllm":
-        runtime.engine = vllm_engine.start(cfg, student, teacher, len(tokenizer), eos_ids, start, runtime.rank)
+    run.decoder = make_decoder(run, start)
     if start == 0:
-        log.samples(0, "teacher", evaluation.sample_completions(teacher, tokenizer, held_out, cfg, eos_ids, runtime))
+        teacher_alone = evaluation.HFDecoder(cfg, teacher, None, runtime, eos_ids, tokenizer.pad_token_id,
+                                             len(tokenizer))
+        log.samples(0, "teacher", evaluation.sample_completions(teacher_alone, tokenizer, held_out, cfg))
         log.record({"step": 0, "eps": trb.behavior(cfg.method, 0, cfg)["eps"], "beta": 0.0,
-                    **evaluate_at(0, student, tokenizer, held_out, cfg, eos_ids, runtime, log)})
+                    **evaluate_at(run, 0, held_out, log)})
     bar = tqdm(range(start, cfg.max_steps), desc=f"distill {cfg.method} seed {cfg.seed}"
                f"{f' x{runtime.world}' if runtime.world > 1 else ''}", initial=start, total=cfg.max_steps,
                disable=not runtime.is_main)
     for step in bar:
         questions = train_questions(train_split, step, cfg)[runtime.share(cfg.batch_size)]
-        row = train_step(student, teacher, tokenizer, optimizer, questions, step, cfg, generator, eos_ids, runtime)
+        row = train_step(run, questions, step)
         if (cfg.eval_every and row["step"] % cfg.eval_every == 0) or row["step"] == cfg.max_steps:
-            row.update(evaluate_at(row["step"], student, tokenizer, held_out, cfg, eos_ids, runtime, log))
+            row.update(evaluate_at(run, row["step"], held_out, log))
         log.record(row)
-        if runtime.engine and runtime.engine.has_teacher and row["step"] < cfg.max_steps \
-                and not vllm_engine.teacher_needed(cfg, row["step"]):
-            runtime.engine.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
+        if run.decoder.has_teacher and row["step"] < cfg.max_steps and not vllm_engine.teacher_needed(cfg, row["step"]):
+            run.decoder.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
         if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
-            runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, optimizer, generator,
+            runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, run.optimizer, generator,
                                     cfg.keep_checkpoints)
     log.close()
-    if runtime.engine is not None and runtime.world == 1:  # under torchrun train_fsdp closes it, with the group
-        runtime.engine.close()
-        runtime.engine = None
+    runtime.close_decoder(run.decoder)
     runtime.export(student, tokenizer, Path(cfg.out_dir) / "student", eos_ids)
     if runtime.is_main:
         log.write_summary(cfg, runtime.world, teacher_scores, started)
     return log.history
+
+
+def make_decoder(run, step):
+    """The run's decoder of rollouts and evaluation, from `step` on: the Hugging Face loop (engine: hf) or the vLLM
+    engine (engine: vllm; it holds the teacher only while the policy needs it)."""
+    vocab_size, pad_token_id = len(run.tokenizer), run.tokenizer.pad_token_id
+    if run.cfg.engine == "vllm":
+        return vllm_engine.start(run.cfg, run.student, run.teacher, vocab_size, run.eos_ids, pad_token_id, step,
+                                 run.runtime.rank)
+    return evaluation.HFDecoder(run.cfg, run.student, run.teacher, run.runtime, run.eos_ids, pad_token_id, vocab_size)
+
+
+def score_alone(model, tokenizer, held_out, cfg):
+    """The held-out scores of a model evaluated alone, in one process, before any run: the embedded task's teacher,
+    once (under FSDP rank 0 scores it while the others wait)."""
+    decoder = evaluation.HFDecoder(cfg, model, None, SingleDevice(), [tokenizer.eos_token_id],
+                                   tokenizer.pad_token_id, len(tokenizer))
+    return evaluation.evaluate(decoder, tokenizer, held_out, cfg, cfg.data_seed, SingleDevice())
 
 
 def load(cfg, runtime):
@@ -357,18 +363,16 @@ def load(cfg, runtime):
         tokenizer = models.load_tokenizer(cfg)
         train_split, held_out = math_data.load_run_splits(cfg, tokenizer, verbose=runtime.is_main)
         tokenizer, student, teacher, teacher_scores = models.load_models(cfg, train_split, held_out, tokenizer,
-                                                                         evaluation.score_alone)
+                                                                         score_alone)
     student, teacher = runtime.prepare(student, teacher)
     return tokenizer, train_split, held_out, student, teacher, teacher_scores
 
 
-def evaluate_at(step, student, tokenizer, held_out, cfg, eos_ids, runtime, log):
+def evaluate_at(run, step, held_out, log):
     """The student's held-out pass@1 and greedy accuracy at `step`, after logging its completions of the shown
     problems (the same ones at every evaluation)."""
-    model = student if runtime.engine else runtime.for_decoding(student)  # the engine holds its own copy
-    log.samples(step, "student", evaluation.sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime,
-                                                               runtime.engine))
-    return evaluation.evaluate(model, tokenizer, held_out, cfg, cfg.seed + step, eos_ids, runtime, runtime.engine)
+    log.samples(step, "student", evaluation.sample_completions(run.decoder, run.tokenizer, held_out, run.cfg))
+    return evaluation.evaluate(run.decoder, run.tokenizer, held_out, run.cfg, run.cfg.seed + step, run.runtime)
 
 
 OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",
@@ -407,7 +411,7 @@ def main():
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.compare:
-        compare.compare(cfg, train)
+        compare.compare(cfg, train, score_alone)
     else:
         train(cfg)
         print_summary(cfg, sys.argv[1:])

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distill import checkpoints, evaluation, math_data, models
+from distill import checkpoints, math_data, models
 from distill.config import die
 
 
@@ -97,17 +97,18 @@ def _run(train, run_cfg):
             return None
 
 
-def _prepare(run_cfg):
+def _prepare(score, run_cfg):
     """Train and cache one seed's student init (and load the cached teacher) in a worker process."""
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
     with open(os.devnull, "w") as quiet, redirect_stderr(quiet), redirect_stdout(quiet):
-        models.load_models(run_cfg, *math_data.load_run_splits(run_cfg), score=evaluation.score_alone)
+        models.load_models(run_cfg, *math_data.load_run_splits(run_cfg), score=score)
 
 
-def compare(cfg, train):
+def compare(cfg, train, score):
     """Every method in cfg.compare for every seed in cfg.seeds (same teacher, same per-seed student init), each run by
-    train(run_cfg) -> its metrics history, compare_workers at a time; writes comparison.{json,md,png} to out_dir."""
+    train(run_cfg) -> its metrics history, compare_workers at a time; writes comparison.{json,md,png} to out_dir.
+    score: how models.load_models scores the embedded teacher, once, when the runs are prepared in parallel."""
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
     started = time.time()
     configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
@@ -122,9 +123,9 @@ def compare(cfg, train):
     else:
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).
-        models.load_models(cfg, *math_data.load_run_splits(cfg), score=evaluation.score_alone)
+        models.load_models(cfg, *math_data.load_run_splits(cfg), score=score)
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.map(_prepare, [configs[(methods[0], s)] for s in seeds])
+            pool.map(functools.partial(_prepare, score), [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(functools.partial(_run, train), configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
         for key, history in runs.items():

@@ -1,42 +1,114 @@
 """
-Decoding outside the loss, for train_small.py and train_fsdp.py: rollouts in calls of a bounded number of rows, the
-held-out pass@1 of the student alone, and the greedy completions of the shown problems. Each takes the run's hooks
-(train_small.SingleDevice or train_fsdp.FSDP) for what several processes must do together.
+Decoding outside the loss, for train_small.py and train_fsdp.py: the run's decoder, and what it decodes besides the
+rollouts (the held-out pass@1 of the student alone, the greedy completions of the shown problems).
+
+A decoder is built once per run: the Hugging Face loop (HFDecoder, trb.blended_generate) or the vLLM engine
+(vllm_engine.Engine). Both answer the same calls:
+    rollouts(input_ids, attention_mask, generator, **behavior) -> trb.Rollout    the step's rollouts (B, P) -> (B, N)
+    completions(prompts, n, temperature, generator) -> per prompt, n token-id lists    the student alone
+    sync(student)                 the updated student decodes from the next call on
+    sleep(), wake_up()            the engine's GPU memory while the loss runs (nothing for the HF loop)
+    has_teacher, drop_teacher()   whether the teacher still decodes; stop running it (the budget is 0 for good)
+    close()                       free it
+    rollout_diagnostics           whether a Rollout carries beta, KL and the teacher's view (the engine's does not)
 """
+import copy
 import math
-from contextlib import nullcontext
 from dataclasses import fields
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import trb
-from distill import fast, math_data, memory_plan, models, vllm_engine
+from distill import fast, math_data, memory_plan, models
 
 
-def one_process(cfg, decoding=None):
-    """The hooks evaluate and rollouts read, for one process with nothing to gather or reduce: what a caller without
-    train_small.SingleDevice gets (the embedded task scores its teacher once, alone, before any run; evaluate.py)."""
-    return SimpleNamespace(world=1, share=lambda n: slice(0, n), gathered=lambda *m: nullcontext(),
-                           all_finished=lambda done: bool(done.all()), sum=list, decoding=decoding or fast.Decoding())
-
-
-def rollouts(student, teacher, input_ids, attention_mask, rows_per_call, runtime, engine=None, **kwargs):
+class HFDecoder:
     """
-    trb.blended_generate over (B, P) prompts, `rows_per_call` rows per call (0 = all at once; it bounds the two KV
-    caches), with the parameters gathered once for all the calls; the parts are right-padded to the longest and joined.
-    With a vllm_engine.Engine (which holds the student, and the teacher while the policy needs it), one engine call.
+    The Hugging Face loop, the reference: trb.blended_generate with the run's decoding options (fast.Decoding: static
+    caches, the compiled step, kept for the whole run), in calls of a bounded number of rows, under autocast. `model`
+    is the student (or a model evaluated alone), `teacher` None where no policy needs one. With a bf16 compute dtype
+    and float32 master weights, it decodes a bf16 copy of the model (2 bytes per parameter), refreshed by sync: under
+    autocast the float32 model itself would keep float32 keys in its KV cache (RMSNorm's float32 weight upcasts them),
+    twice the memory. Models whose parameters reach the forward in the compute dtype already (FSDP's mixed precision:
+    hooks.decodes_compute_dtype) decode as they are. hooks: the run's (gathered, all_finished).
     """
-    if engine is not None:
-        return engine.rollouts(input_ids, attention_mask, **kwargs)
-    rows_per_call = rows_per_call or input_ids.shape[0]
-    with runtime.gathered(student, teacher):
-        parts = [trb.blended_generate(student, teacher, input_ids[i:i + rows_per_call],
-                                      attention_mask[i:i + rows_per_call], all_finished=runtime.all_finished,
-                                      decoding=runtime.decoding, **kwargs)
-                 for i in range(0, input_ids.shape[0], rows_per_call)]
-    return cat_rollouts(parts, kwargs.get("pad_token_id"))
+    has_teacher, rollout_diagnostics = False, True
+
+    def __init__(self, cfg, model, teacher, hooks, eos_ids, pad_token_id, vocab_size):
+        self.cfg, self.teacher, self.hooks = cfg, teacher, hooks
+        self.eos_ids, self.pad_token_id, self.vocab_size = list(eos_ids), pad_token_id, vocab_size
+        self.decoding = fast.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
+        dtype = models.device_and_dtype(cfg)[1]
+        self.master = self.model = model
+        self.device = next(model.parameters()).device
+        if dtype != torch.float32 and model.dtype != dtype and not hooks.decodes_compute_dtype:
+            self.model = models.to_compute_dtype(copy.deepcopy(model), dtype).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def sync(self, student):
+        """The copy's weights from the master's (nothing to do where the model decodes as it is)."""
+        if self.model is not self.master:
+            for target, source in zip(self.model.parameters(), student.parameters()):
+                target.copy_(source)
+
+    def _generate(self, teacher, input_ids, attention_mask, rows_per_call, **kwargs):
+        """trb.blended_generate over (B, P) prompts, rows_per_call rows per call (0: all; it bounds the two KV caches),
+        the parameters gathered once for all the calls; the parts right-padded to the longest and joined."""
+        rows_per_call = rows_per_call or input_ids.shape[0]
+        was_training = self.model.training
+        self.model.eval()  # also keeps the KV cache on with activation checkpointing (a train-mode feature)
+        with self.hooks.gathered(self.model, teacher), models.autocast(self.cfg):
+            parts = [trb.blended_generate(self.model, teacher, input_ids[i:i + rows_per_call],
+                                          attention_mask[i:i + rows_per_call], eos_token_id=self.eos_ids,
+                                          pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
+                                          all_finished=self.hooks.all_finished, decoding=self.decoding, **kwargs)
+                     for i in range(0, input_ids.shape[0], rows_per_call)]
+        self.model.train(was_training)
+        return cat_rollouts(parts, self.pad_token_id)
+
+    def rollouts(self, input_ids, attention_mask, generator=None, max_new_tokens=None, **behavior):
+        """The behavior policy's rollouts (trb.behavior's keyword arguments), rollout_batch_size rows per call, up to
+        max_new_tokens (default: the config's); the teacher decodes in lockstep only where the policy needs it."""
+        teacher = self.teacher if trb.behavior_needs_teacher(behavior) else None
+        return self._generate(teacher, input_ids, attention_mask, self.cfg.rollout_batch_size, generator=generator,
+                              max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, **behavior)
+
+    def completions(self, prompts, n, temperature, generator=None):
+        """n completions of each token-id prompt (each up to and including its EOS), up to eval_max_new_tokens: the
+        problems left-padded eval_batch_size // n at a time, their n samples side by side in one call."""
+        device = next(self.model.parameters()).device
+        per_call = max(1, self.cfg.eval_batch_size // n)
+        out = []
+        for i in tqdm(range(0, len(prompts), per_call), desc=f"eval rollouts (n={n})", leave=False):
+            input_ids, mask = (x.repeat_interleave(n, 0) for x in left_padded(prompts[i:i + per_call],
+                                                                               self.pad_token_id, device))
+            rollout = self._generate(None, input_ids, mask, 0, eps=0.0, temperature=temperature,
+                                     max_new_tokens=self.cfg.eval_max_new_tokens, generator=generator)
+            rows = [row[keep].tolist() for row, keep in zip(rollout.sequences[:, input_ids.shape[1]:],
+                                                            rollout.completion_mask)]
+            out += [rows[j:j + n] for j in range(0, len(rows), n)]
+        return out
+
+    def sleep(self):
+        pass
+
+    def wake_up(self):
+        pass
+
+    def drop_teacher(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def left_padded(prompts, pad_token_id, device):
+    """Token-id lists as a left-padded batch: input_ids, attention_mask (B, P), as the tokenizer pads them."""
+    P = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return input_ids.to(device), mask.to(device)
 
 
 def rollout_stats(rollout):
@@ -66,71 +138,42 @@ def cat_rollouts(parts, pad_token_id=None):
     return trb.Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(trb.Rollout)})
 
 
-def _completions(model, tokenizer, questions, n, temperature, cfg, eos_ids, runtime, generator, engine):
-    """n completions (text) of each formatted question, in order (problem-major), at `temperature` up to
-    eval_max_new_tokens: eval_batch_size rows per blended_generate call, or all of them in one engine request."""
-    if engine is not None:
-        prompts = engine.unpadded(*math_data.encode_prompts(questions, tokenizer, "cpu"))
-        ids, _ = engine.generate(prompts, eps=0.0, temperature=temperature, max_new_tokens=cfg.eval_max_new_tokens,
-                                 n=n, seed=vllm_engine.request_seed(generator))
-        return tokenizer.batch_decode([c for per_problem in ids for c in per_problem], skip_special_tokens=True)
-    device = next(model.parameters()).device
-    per_call = max(1, cfg.eval_batch_size // n)  # problems per call: n * per_call <= eval_batch_size rows
-    texts = []
-    for i in tqdm(range(0, len(questions), per_call), desc=f"eval rollouts (n={n})", leave=False):
-        batch = math_data.encode_prompts(questions[i:i + per_call], tokenizer, device)
-        input_ids, mask = (x.repeat_interleave(n, 0) for x in batch)  # (n * problems, P)
-        with models.autocast(cfg):
-            rollout = trb.blended_generate(model, None, input_ids, mask, eps=0.0,
-                                           max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature,
-                                           eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                           generator=generator, vocab_size=len(tokenizer),
-                                           all_finished=runtime.all_finished, decoding=runtime.decoding)
-        texts += tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
-    return texts
+def encoded(questions, tokenizer, cfg):
+    """Each question as the token ids of its formatted prompt (math_data.format_prompt), as encode_prompts makes them
+    (without the padding)."""
+    prompts = [math_data.format_prompt(q, tokenizer, cfg) for q in questions]
+    return tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, held_out, cfg, seed, eos_ids=None, runtime=None, engine=None):
+def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks):
     """
-    Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, decoding
-    eval_batch_size rows per call up to eval_max_new_tokens (or, with a vllm_engine.Engine holding the student, n
-    samples per problem in one request). Answers are checked with math-verify on real data and by exact match on the
-    embedded task. Under FSDP each rank decodes its share of the problems in lockstep with the others (the same
-    number of calls, each stopping when every rank's rows are done; a rank with fewer problems pads its last call
-    with uncounted ones), so no rank waits for another longer than stop_check_every tokens take; the counts are
-    summed.
+    Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, of the
+    decoder's student alone. Answers are checked with math-verify on real data and by exact match on the embedded task.
+    Under FSDP each rank decodes its share of the problems in lockstep with the others (the same number of calls,
+    each stopping when every rank's rows are done; a rank with fewer problems pads its last call with uncounted ones),
+    so no rank waits for another longer than stop_check_every tokens take; the counts are summed (hooks.sum).
     """
-    runtime = runtime or one_process(cfg)
-    eos_ids = eos_ids or [tokenizer.eos_token_id]
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # evaluation's own RNG
-    was_training = model.training
-    model.eval()
-    per_rank = -(-len(held_out) // runtime.world)  # every rank decodes as many problems as the largest share
-    mine = list(range(len(held_out)))[runtime.share(len(held_out))]
+    generator = torch.Generator(decoder.device).manual_seed(seed)  # evaluation's own RNG
+    per_rank = -(-len(held_out) // hooks.world)  # every rank decodes as many problems as the largest share
+    mine = list(range(len(held_out)))[hooks.share(len(held_out))]
     rows = [(i, True) for i in mine] + [(0, False)] * (per_rank - len(mine))  # (problem, counted)
     all_questions, answers = list(held_out["question"]), list(held_out["answer"])
-    questions = [math_data.format_prompt(all_questions[i], tokenizer, cfg) for i, _ in rows]
+    prompts = encoded([all_questions[i] for i, _ in rows], tokenizer, cfg)
     exact = cfg.dataset == "synthetic"
     correct = {}
-    with runtime.gathered(model), memory_plan.moment("evaluation peak"):
+    with memory_plan.moment("evaluation peak"):
         for name, n, temperature in (("pass@1", cfg.eval_samples, cfg.eval_temperature), ("greedy", 1, 0.0)):
-            texts = _completions(model, tokenizer, questions, n, temperature, cfg, eos_ids, runtime, generator,
-                                 engine)
+            samples = decoder.completions(prompts, n, temperature, generator)
             correct[name] = sum(counted and math_data.is_correct(text, answers[problem], exact)
-                                for (problem, counted), text in zip((r for r in rows for _ in range(n)), texts))
-    model.train(was_training)
-    pass_correct, greedy_correct = runtime.sum([correct["pass@1"], correct["greedy"]])
+                                for (problem, counted), per_problem in zip(rows, samples)
+                                for text in tokenizer.batch_decode(per_problem, skip_special_tokens=True))
+    pass_correct, greedy_correct = hooks.sum([correct["pass@1"], correct["greedy"]])
     return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
 
 
-def score_alone(model, tokenizer, held_out, cfg):
-    """The held-out scores of a model evaluated alone, before any run (the embedded task's teacher, once)."""
-    return evaluate(model, tokenizer, held_out, cfg, seed=cfg.data_seed)
-
-
 @torch.no_grad()
-def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime, engine=None):
+def sample_completions(decoder, tokenizer, held_out, cfg):
     """
     Greedy completions of the first shown_problems held-out problems, the same ones at every evaluation so that a
     reader sees the text change: one dict per problem (problem index, question, prompt, reference answer, completion,
@@ -140,15 +183,9 @@ def sample_completions(model, tokenizer, held_out, cfg, eos_ids, runtime, engine
     if not problems:
         return []
     prompts = [math_data.format_prompt(row["question"], tokenizer, cfg) for row in problems]
-    input_ids, mask = math_data.encode_prompts(prompts, tokenizer, next(model.parameters()).device)  # (k, P)
-    was_training = model.training
-    model.eval()  # also keeps the KV cache on with activation checkpointing (a train-mode feature)
-    with models.autocast(cfg), memory_plan.moment("evaluation peak"):
-        rollout = rollouts(model, None, input_ids, mask, cfg.eval_batch_size, runtime, engine, eps=0.0,
-                           temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos_ids,
-                           pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
-    model.train(was_training)
-    texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    with memory_plan.moment("evaluation peak"):
+        samples = decoder.completions(encoded([row["question"] for row in problems], tokenizer, cfg), 1, 0.0)
+    texts = [tokenizer.decode(per_problem[0], skip_special_tokens=True) for per_problem in samples]
     return [{"problem": i, "question": row["question"], "prompt": prompt,
              "answer": math_data.reference_answer(row["answer"]), "completion": text,
              "correct": bool(math_data.is_correct(text, row["answer"], cfg.dataset == "synthetic"))}

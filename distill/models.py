@@ -53,7 +53,7 @@ def load_tokenizer(cfg):
 
 def load_models(cfg, train, held_out, tokenizer=None, score=None):
     """(tokenizer, student, teacher, teacher_scores). Teacher frozen: eval mode, no grad. The embedded task's teacher is
-    scored once on the held-out split, score(model, tokenizer, held_out, cfg) (evaluation.score_alone)."""
+    scored once on the held-out split, score(model, tokenizer, held_out, cfg) (train_small.score_alone)."""
     device, dtype = device_and_dtype(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.student == "synthetic":

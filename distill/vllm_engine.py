@@ -17,6 +17,7 @@ Weights: the student's reach the engine after every optimizer step through vLLM'
 prefix-cache reset (the cached keys and values are the old student's). Everything runs in the calling process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): no port, no serialization.
 """
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 import trb
 from distill import fast
+from distill.config import die
 
 ARCHITECTURE = "TRBBlendForCausalLM"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors pass by reference
@@ -213,14 +215,17 @@ def request_seed(generator):
 
 class Engine:
     """
-    The vLLM engine of one run: created from the HF student and teacher the trainer holds (their weights written to
-    `folder` once), then fed the student's weights after every optimizer step (sync). Every call decodes all its
-    prompts at once; vLLM batches them continuously.
+    The vLLM engine of one run, a decoder with evaluation.HFDecoder's interface: created from the HF student and teacher
+    the trainer holds (their weights written to `folder` once), then fed the student's weights after every optimizer
+    step (sync). Every call decodes all its prompts at once; vLLM batches them continuously. Its rollouts carry the
+    tokens and log mu*(token) only: the trainer recomputes the other diagnostics from its loss forward (visited_sums).
     """
+    rollout_diagnostics = False
 
-    def __init__(self, cfg, student, teacher, vocab_size, eos_ids, folder, with_teacher=True):
+    def __init__(self, cfg, student, teacher, vocab_size, eos_ids, folder, with_teacher=True, pad_token_id=None):
         register()
         self.cfg, self.vocab_size, self.eos_ids = cfg, int(vocab_size), list(eos_ids)
+        self.pad_token_id = pad_token_id
         self.folder = Path(folder)
         self.device = next(student.parameters()).device
         self.dtype = "float32" if self.device.type == "cpu" else "bfloat16"
@@ -248,7 +253,7 @@ class Engine:
         return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
                    enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
                    gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
-                   worker_extension_cls="vllm_engine.WorkerExtension", **distributed)
+                   worker_extension_cls="distill.vllm_engine.WorkerExtension", **distributed)
 
     @property
     def has_teacher(self):
@@ -258,6 +263,8 @@ class Engine:
     def drop_teacher(self):
         """The teacher's stack is not run again (the budget is 0 from here on). Its weights stay where they are: a
         restart without them would tear down torchrun's process group with vLLM's own (seen on vLLM 0.32)."""
+        if not self.teacher_on:
+            return
         self.llm.collective_rpc("trb_drop_teacher")
         self.teacher_on = False
 
@@ -308,22 +315,27 @@ class Engine:
                     for out in outputs]
         return ids, logprobs
 
-    def rollouts(self, input_ids, attention_mask, *, eps, temperature, max_new_tokens, generator=None,
-                 pad_token_id=None, token_rule=None, **unused):
-        """trb.Rollout of left-padded (B, P) prompts, one completion each, like evaluation.rollouts on the HF loop. The
-        requests' seeds are drawn from `generator`, so a seeded (and resumed) run reproduces."""
+    def rollouts(self, input_ids, attention_mask, generator=None, max_new_tokens=None, *, eps, temperature,
+                 token_rule=None):
+        """trb.Rollout of left-padded (B, P) prompts, one completion each up to max_new_tokens (default: the config's),
+        as HFDecoder.rollouts decodes them. The requests' seeds are drawn from `generator`, so a seeded (and resumed)
+        run reproduces."""
         seed = request_seed(generator) if generator else 0
         prompts = self.unpadded(input_ids, attention_mask)
-        ids, logprobs = self.generate(prompts, eps=eps, temperature=temperature, max_new_tokens=max_new_tokens,
-                                      seed=seed, token_rule=token_rule)
-        return _rollout(input_ids, attention_mask, [c[0] for c in ids], [c[0] for c in logprobs], pad_token_id)
+        ids, logprobs = self.generate(prompts, eps=eps, temperature=temperature, seed=seed, token_rule=token_rule,
+                                      max_new_tokens=max_new_tokens or self.cfg.max_new_tokens)
+        return _rollout(input_ids, attention_mask, [c[0] for c in ids], [c[0] for c in logprobs], self.pad_token_id)
+
+    def completions(self, prompts, n, temperature, generator=None):
+        """n completions of each token-id prompt (the student alone), up to eval_max_new_tokens, in one request."""
+        seed = request_seed(generator) if generator else 0
+        return self.generate(prompts, eps=0.0, temperature=temperature, max_new_tokens=self.cfg.eval_max_new_tokens,
+                             n=n, seed=seed)[0]
 
 
 def require():
     """Stops with one line where vLLM is not installed (before any model loads)."""
-    import importlib.util
     if importlib.util.find_spec("vllm") is None:
-        from distill.config import die
         die("engine: vllm needs the vLLM environment, .venv-vllm (./run.sh --engine=vllm makes it from "
             "requirements-vllm.txt)")
 
@@ -333,11 +345,11 @@ def teacher_needed(cfg, step):
     return any(trb.behavior_needs_teacher(trb.behavior(cfg.method, k, cfg)) for k in range(step, cfg.max_steps))
 
 
-def start(cfg, student, teacher, vocab_size, eos_ids, step, rank):
+def start(cfg, student, teacher, vocab_size, eos_ids, pad_token_id, step, rank):
     """The engine of a training run (engine: vllm) from `step` on, with the teacher only while the policy needs it;
     its folder (the student's weights, the teacher's when it has no local folder) is written under out_dir."""
     return Engine(cfg, student, teacher, vocab_size, eos_ids, Path(cfg.out_dir) / "engine" / f"rank{rank}",
-                  with_teacher=teacher_needed(cfg, step))
+                  with_teacher=teacher_needed(cfg, step), pad_token_id=pad_token_id)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ Benchmarks for trb.py, each figure a ratio measured side by side in one process 
     python -m scripts.bench solve      # solve_beta vs one log_softmax at Qwen3's vocabulary (B=8, V=151936, fp32)
     python -m scripts.bench memory     # chunked_opd_loss vs the dense path: peak extra memory, forward + backward
     python -m scripts.bench sampler    # blended_generate vs model.generate on small Qwen3-shaped models
-    python -m scripts.bench decode --device=cuda --dtype=bfloat16   # rollout tokens/s at Qwen3 shapes: eager/static/compiled
+    python -m scripts.bench decode --device=cuda --dtype=bfloat16   # tokens/s at Qwen3 shapes: eager/static/compiled
     python -m scripts.bench engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
 
 CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import trb
-from distill import evaluation, fast
+from distill import evaluation, fast, memory_plan, models, vllm_engine
 
 ROOT = Path(__file__).resolve().parents[1]  # the child processes run `python -m scripts.bench` from here
 
@@ -227,10 +227,9 @@ def decode_model(name, device, dtype, seed):
     """A random-weight causal LM: Qwen3's published shapes for 0.6B/1.7B/4B/8B (memory_plan.QWEN3, no download), or
     the small CPU shapes of bench_sampler: tiny (4 layers) and small (6 layers)."""
     from transformers import Qwen3ForCausalLM
-    from distill import memory_plan
     if name in ("tiny", "small"):
-        from distill.models import to_compute_dtype  # float32 rotary frequencies, as from_pretrained keeps them
-        return to_compute_dtype(qwen3_shaped({"tiny": 4, "small": 6}[name], seed=seed).to(device), dtype)
+        return models.to_compute_dtype(  # float32 rotary frequencies, as from_pretrained keeps them
+            qwen3_shaped({"tiny": 4, "small": 6}[name], seed=seed).to(device), dtype)
     config = memory_plan.builtin_qwen3(f"Qwen/Qwen3-{name}")
     if config is None:
         raise SystemExit(f"error: --pairs: unknown model {name!r}; choose from tiny, small, "
@@ -321,7 +320,6 @@ def bench_engine(args):
     import tempfile
     from pathlib import Path
     from types import SimpleNamespace
-    from distill import vllm_engine
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     s_name, t_name = args.pairs.split(",")[0].split(":")
     student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
@@ -371,7 +369,8 @@ def bench_engine(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine (default: "
                         "the first three on CPU, decode on CUDA)")
     parser.add_argument("--threads", type=int, default=2)

@@ -38,7 +38,8 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from distill import evaluation, fast, math_data, models
+import train_small
+from distill import evaluation, math_data, models, vllm_engine
 from distill.checkpoints import complete_checkpoints, write_atomically
 from distill.config import die, parse_flags, read_yaml
 
@@ -265,7 +266,6 @@ def pick_engine(name):
 def vllm_engine_sample(source, base, tokenizer, eos_ids, suite, args):
     """sample() on the vLLM engine holding the student alone (vllm_engine.Engine without a teacher): each call's
     prompts in one request, n samples per prompt; sample.close() shuts the engine down before the next model."""
-    from distill import vllm_engine
     device, _ = models.device_and_dtype(args)
     model = load_model(source, base, args, torch.float32).to(device).eval()
     window = model.config.max_position_embeddings  # the engine's longest sequence: prompt and completion
@@ -294,16 +294,16 @@ def hf_engine(source, base, tokenizer, eos_ids, suite, args):
     training's evaluation decodes), --batch_size rows per call, each call's prompts' n samples side by side."""
     device, dtype = models.device_and_dtype(args)
     model = load_model(source, base, args, dtype).to(device).eval()
-    runtime = evaluation.one_process(None, fast.Decoding(stop_check_every=args.stop_check_every, cache=args.cache,
-                                                        compile=args.compile))
+    cfg = SimpleNamespace(dtype=args.dtype, stop_check_every=args.stop_check_every, cache=args.cache,
+                          compile=args.compile, rollout_batch_size=args.batch_size, max_new_tokens=suite.max_new_tokens)
+    decoder = evaluation.HFDecoder(cfg, model, None, train_small.SingleDevice(), eos_ids, tokenizer.pad_token_id,
+                                   len(tokenizer))
 
     @torch.no_grad()
     def sample(prompts, n, seed):
         input_ids, mask = (x.repeat_interleave(n, 0) for x in math_data.encode_prompts(prompts, tokenizer, device))
-        rollout = evaluation.rollouts(model, None, input_ids, mask, args.batch_size, runtime, eps=0.0,
-                                      temperature=suite.temperature, max_new_tokens=suite.max_new_tokens,
-                                      eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                      generator=torch.Generator(device).manual_seed(seed), vocab_size=len(tokenizer))
+        rollout = decoder.rollouts(input_ids, mask, torch.Generator(device).manual_seed(seed), eps=0.0,
+                                   temperature=suite.temperature)
         texts = tokenizer.batch_decode(rollout.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
         tokens = rollout.completion_mask.sum(1).tolist()
         return ([texts[i * n:(i + 1) * n] for i in range(len(prompts))],

@@ -56,7 +56,8 @@ def install_carried(folder, log):
     except ImportError:
         pass
     if not folder.is_dir():
-        return f"not installed: no {folder} (run python -m scripts.gpu_check --prepare where the network is, then carry it)"
+        return (f"not installed: no {folder} (run python -m scripts.gpu_check --prepare where the network is, then "
+                "carry it)")
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
                              f"--find-links={folder}", *NEEDED],
                             capture_output=True, text=True)
@@ -154,7 +155,8 @@ def part(name, command, timeout, out, env=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_report", help="folder for report.md and the parts' logs")
     parser.add_argument("--models", default="/tmp/trb_gpu_check", help="where the random-weight folders are written")
     parser.add_argument("--prepare", action="store_true", help="download the wheels into .whl/ and stop")

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import train_small
 from distill import memory_plan, models
-from distill.config import die, load_config
+from distill.config import die, load_config, usage
 
 GiB = memory_plan.GiB
 
@@ -99,6 +99,9 @@ def format_comparison(planned, measured):
 
 def main(argv):
     """[--world_size=N] [--gpu_gib=N] [--measure] and the usual --config/--key=value arguments."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"{__doc__.strip()}\n\nThe config keys:\n{usage().split(chr(10), 2)[2]}")
+        sys.exit(0)
     options = {"world_size": 1, "gpu_gib": 80}
     rest = []
     for arg in argv:

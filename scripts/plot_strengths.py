@@ -84,7 +84,8 @@ def plot_strengths(points, path, method="trb"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.plot_strengths",
+                                     description=__doc__.strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=DIR: a strength's label (its student_sft_steps) and the folder "
                                                 "holding its comparison.json")
     parser.add_argument("--out", default="docs/strengths.png", help="the figure's path")

@@ -4,8 +4,8 @@ a list of {from: human | gpt, value} turns (the human turn is the prompt, the gp
 `domain`, `source` and `difficulty`. On-policy distillation reads only the prompts, so the output is one .jsonl row
 per prompt: `question` = the human turn, with the row's domain, source and difficulty; no answer.
 
-    python -m scripts.prepare_data --source=open-thoughts/OpenThoughts3-1.2M --out=openthoughts3_25600.jsonl --n=25600 \\
-        --seed=0 --tokenizer=Qwen/Qwen3-1.7B-Base --max_prompt_tokens=1024
+    python -m scripts.prepare_data --source=open-thoughts/OpenThoughts3-1.2M --out=openthoughts3_25600.jsonl \\
+        --n=25600 --seed=0 --tokenizer=Qwen/Qwen3-1.7B-Base --max_prompt_tokens=1024
 
 In this order: rows of another domain are dropped (--domain; the paper does not say that it filtered, so by default
 every domain stays), then rows without a human turn, then exact duplicate prompts (OpenThoughts3 holds several traces
@@ -136,7 +136,8 @@ def dropped_line(counts, args):
 
 def main(argv=None):
     args = parse_flags(sys.argv[1:] if argv is None else argv, FLAGS,
-                       "usage: python -m scripts.prepare_data --source=... --out=FILE.jsonl --n=ROWS [--seed=0] [--key=value]")
+                       "usage: python -m scripts.prepare_data --source=... --out=FILE.jsonl --n=ROWS [--seed=0] "
+                       "[--key=value]")
     if args.n < 1:
         die(f"--n: must be >= 1, got {args.n}")
     prompts, counts = unique_prompts(read_rows(args), args.domain)

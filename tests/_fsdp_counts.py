@@ -1,12 +1,13 @@
 """
 Helper of tests/test_fsdp.py, run under `torchrun --nproc_per_node=2`. With FSDP2's collectives counted, it measures:
 - the all-gathers of a rollout of 8 and of 32 new tokens (no EOS, so every token is decoded), with
-  evaluation.rollouts under the FSDP hooks (parameters gathered once) and with plain trb.blended_generate on the same
+  evaluation.HFDecoder under the FSDP hooks (parameters gathered once) and with plain trb.blended_generate on the same
   sharded models (FSDP's per-forward gathering);
 - over 4 training steps of 2 micro-batches each, with a sharded teacher and the chunked loss: the reduce-scatters per
   step, the length of the teacher's forward record after each step, and FSDP's warnings.
 Rank 0 prints one JSON line.
 """
+import dataclasses
 import gc
 import json
 import sys
@@ -57,7 +58,9 @@ def main():
             kwargs = dict(max_new_tokens=tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
                           generator=torch.Generator().manual_seed(rank), vocab_size=len(tokenizer))
             if gathered_once:
-                rollout = evaluation.rollouts(student, teacher, input_ids, mask, 0, runtime, **behavior, **kwargs)
+                decoder = evaluation.HFDecoder(dataclasses.replace(cfg, rollout_batch_size=0), student, teacher,
+                                               runtime, [], tokenizer.pad_token_id, len(tokenizer))
+                rollout = decoder.rollouts(input_ids, mask, kwargs["generator"], tokens, **behavior)
             else:
                 rollout = trb.blended_generate(student, teacher, input_ids, mask, **behavior, **kwargs,
                                                all_finished=runtime.all_finished)
@@ -72,8 +75,10 @@ def main():
         warnings.simplefilter("always")
         for step in range(4):
             calls["reduce_scatter"] = 0
-            train_small.train_step(student, teacher, tokenizer, optimizer, questions, step, cfg,
-                                   torch.Generator().manual_seed(rank), [tokenizer.eos_token_id], runtime)
+            run = train_small.Run(cfg, runtime, tokenizer, student, teacher, optimizer, torch.Generator().manual_seed(rank),
+                                  [tokenizer.eos_token_id])
+            run.decoder = train_small.make_decoder(run, step)
+            train_small.train_step(run, questions, step)
             result["reduce_scatters"].append(calls["reduce_scatter"])
             result["teacher_record"].append(len(teacher_group.comm_ctx.post_forward_order))
     result["student_units"] = len(train_fsdp.fsdp_modules(student))

@@ -147,7 +147,9 @@ def test_evaluation_decodes_at_most_eval_batch_size_rows_per_call(qwen3_folders,
         target = held_out["answer"][0]
         monkeypatch.setattr(math_data, "is_correct", lambda text, answer, exact: answer == target)
         calls.clear()
-        result = evaluation.evaluate(model, tokenizer, held_out, cfg, seed=0)
+        decoder = evaluation.HFDecoder(cfg, model, None, train_small.SingleDevice(), [tokenizer.eos_token_id],
+                                       tokenizer.pad_token_id, len(tokenizer))
+        result = evaluation.evaluate(decoder, tokenizer, held_out, cfg, 0, train_small.SingleDevice())
         assert result == {"pass@1": 1 / 5, "greedy": 1 / 5}
         assert all(n <= rows and tokens == 3 for n, tokens in calls), calls
         assert sum(n for n, _ in calls) == 5 * 2 + 5
@@ -201,14 +203,18 @@ def test_micro_batches_are_trimmed_to_their_own_rows():
 
 
 def test_bf16_rollouts_run_a_bf16_copy_with_a_bf16_kv_cache():
-    """With a bf16 compute dtype, rollouts run a bf16 copy of the float32 student, refreshed from it on each call:
-    its KV cache is bf16. The float32 student under autocast would cache float32 keys (RMSNorm's float32 weight
+    """With a bf16 compute dtype, rollouts run a bf16 copy of the float32 student, refreshed from it after each update
+    (HFDecoder.sync): its KV cache is bf16. The float32 student under autocast would cache float32 keys (RMSNorm's float32 weight
     upcasts them), which is what the copy avoids."""
     from transformers import DynamicCache
     tokenizer = synthetic_task.char_tokenizer()
     student = synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0)
-    runtime = train_small.SingleDevice(dataclasses.replace(config.load_config([]), dtype="bfloat16"))
     ids = torch.randint(3, len(tokenizer), (2, 5))
+
+    def decoder(cfg):
+        return evaluation.HFDecoder(cfg, student, None, train_small.SingleDevice(), [tokenizer.eos_token_id],
+                                    tokenizer.pad_token_id, len(tokenizer))
+    bf16 = decoder(dataclasses.replace(config.load_config([]), dtype="bfloat16"))
 
     def cache_dtypes(model):
         cache = DynamicCache(config=model.config)
@@ -216,13 +222,14 @@ def test_bf16_rollouts_run_a_bf16_copy_with_a_bf16_kv_cache():
             model(input_ids=ids, cache=cache, use_cache=True)
         return {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
     assert torch.float32 in cache_dtypes(student)  # the problem: autocast alone keeps float32 keys
-    decoding = runtime.for_decoding(student)
+    decoding = bf16.model
     assert cache_dtypes(decoding) == {torch.bfloat16}
     with torch.no_grad():
         student.model.norm.weight.add_(1.0)
-    assert runtime.for_decoding(student) is decoding and torch.equal(
+    bf16.sync(student)
+    assert bf16.model is decoding and torch.equal(
         decoding.model.norm.weight, student.model.norm.weight.to(torch.bfloat16))  # refreshed from the master
-    assert train_small.SingleDevice(config.load_config([])).for_decoding(student) is student  # float32: no copy
+    assert decoder(config.load_config([])).model is student  # float32: no copy
 
 
 def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
@@ -317,7 +324,7 @@ def test_bf16_teacher_and_decoding_copy_keep_float32_rotary_frequencies(long_con
                               f"--student={long_context_folders / 'student'}",
                               f"--teacher={long_context_folders / 'teacher'}"])
     _, student, teacher, _ = models.load_models(cfg, None, None)
-    decoding = train_small.SingleDevice(cfg).for_decoding(student)
+    decoding = evaluation.HFDecoder(cfg, student, None, train_small.SingleDevice(), [0], 0, 18).model
     ids = torch.randint(3, 18, (1, 16))
     positions = torch.arange(3000, 3016)[None]  # (1, 16) far into the context
 

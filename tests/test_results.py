@@ -1,6 +1,6 @@
-"""The README's 400-step results are the committed comparison files' numbers (docs/results/400_steps, written by
-train_small.py --compare): each file's paired intervals are what its per-seed values give, and the README's
-strength table is plot_strengths' table of those files, digit for digit."""
+"""The results page's 400-step results (docs/results.md) are the committed comparison files' numbers
+(docs/results/400_steps, written by train_small.py --compare): each file's paired intervals are what its per-seed
+values give, and the page's strength table is plot_strengths' table of those files, digit for digit."""
 import json
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def test_each_files_intervals_are_its_per_seed_differences(path):
             assert row["vs_opd"][key]["ci95"] == pytest.approx(expected["ci95"], abs=1e-12)
 
 
-def test_the_readme_strength_table_is_plot_strengths_table_of_the_files():
-    """The README quotes plot_strengths' table of the committed strengths exactly as the command prints it."""
+def test_the_results_page_strength_table_is_plot_strengths_table_of_the_files():
+    """docs/results.md quotes plot_strengths' table of the committed strengths exactly as the command prints it."""
     points = plot_strengths.strength_points([(str(s), RESULTS / f"strength{s}") for s in STRENGTHS])
-    assert plot_strengths.table(points) in (ROOT / "README.md").read_text()
+    assert plot_strengths.table(points) in (ROOT / "docs" / "results.md").read_text()

@@ -31,8 +31,7 @@ def qwen3(hidden, layers, seed):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     config = Qwen3Config(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, head_dim=32,
-                         max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=0,
-                         pad_token_id=PAD)
+                         max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=0)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).eval()
     with torch.no_grad():
@@ -96,7 +95,7 @@ def test_greedy_rollouts_equal_the_hf_loop(pair, eps):
     student, teacher, _, engine = pair
     ids, mask = prompts([4, 9, 2, 6, 12, 5])
     reference = hf_rollout(student, teacher, ids, mask, eps)
-    rollout = engine.rollouts(ids, mask, eps=eps, temperature=0.0, max_new_tokens=24, pad_token_id=PAD)
+    rollout = engine.rollouts(ids, mask, eps=eps, temperature=0.0, max_new_tokens=24)
     P = ids.shape[1]
     assert completions(rollout, P) == completions(reference, P)
     assert any(c and c[-1] == EOS[0] for c in completions(reference, P))  # some rows stopped at the merged EOS
@@ -109,7 +108,7 @@ def test_rows_stop_at_either_eos_id(pair):
     second EOS id and some where they favour the first, and the engine ends both with EOS[0] as the HF loop does."""
     student, teacher, _, engine = pair
     ids, mask = prompts([3, 5, 7, 9, 11, 4, 6, 8], seed=1)
-    rollout = engine.rollouts(ids, mask, eps=0.05, temperature=0.0, max_new_tokens=24, pad_token_id=PAD)
+    rollout = engine.rollouts(ids, mask, eps=0.05, temperature=0.0, max_new_tokens=24)
     P, favoured = ids.shape[1], set()
     for i, c in enumerate(completions(rollout, P)):
         if c and c[-1] == EOS[0]:
@@ -126,7 +125,7 @@ def test_sampled_logprobs_equal_a_teacher_forced_recomputation(pair, eps, tau):
     at every generated position, within 2e-5."""
     student, teacher, _, engine = pair
     ids, mask = prompts([5, 8, 3])
-    rollout = engine.rollouts(ids, mask, eps=eps, temperature=tau, max_new_tokens=16, pad_token_id=PAD,
+    rollout = engine.rollouts(ids, mask, eps=eps, temperature=tau, max_new_tokens=16,
                               generator=torch.Generator().manual_seed(0))
     P = ids.shape[1]
     for i, c in enumerate(completions(rollout, P)):
@@ -161,18 +160,16 @@ def test_weight_sync_reaches_the_engine_only_with_the_prefix_cache_reset(pair):
     student, teacher, other, engine = pair
     ids, mask = prompts([150, 140, 135], seed=5)  # longer than a cache block (128 on a CPU): the prefix cache keeps them
     P = ids.shape[1]
-    before = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24, pad_token_id=PAD), P)
+    before = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24), P)
     assert before == completions(hf_rollout(student, None, ids, mask, 0.0), P)
     want = completions(hf_rollout(other, None, ids, mask, 0.0), P)
     assert want != before
     try:
         weights = [(name, t.detach().float()) for name, t in other.state_dict().items()]
         engine.llm.collective_rpc("trb_load_student", args=(weights,))  # a sync without the reset
-        stale = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24,
-                                            pad_token_id=PAD), P)
+        stale = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24), P)
         engine.sync(other)
-        synced = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24,
-                                             pad_token_id=PAD), P)
+        synced = completions(engine.rollouts(ids, mask, eps=0.0, temperature=0.0, max_new_tokens=24), P)
     finally:
         engine.sync(student)
     assert synced == want

@@ -15,12 +15,11 @@ Launch (every config.yaml key can be overridden as --key=value; --help lists the
     python train_small.py --config=configs/gsm8k_1gpu.yaml  # Qwen3-0.6B-Base <- Qwen3-4B on GSM8K, one GPU
 
 Read top-down: the data order, the hooks where train_fsdp.py differs, the training step, then the run: train() is
-its loop. Elsewhere: config.py (every key, its type, check and meaning), models.py (loading the models, dtypes, stop
-ids), math_data.py (prompts, real datasets, answer checking), evaluation.py (decoding in calls, held-out pass@1, the
-shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary), tracking.py (the logs
-to TensorBoard, wandb or trackio: report_to), synthetic_task.py (the embedded offline task and its cached teacher and
-student), compare.py (--compare over seeds). prepare_data.py writes the paper's training prompts and evaluate.py runs
-the paper's evaluation suites on the exported student or every checkpoint.
+its loop. The machinery is in distill/: config.py (every key, its type, check and meaning), models.py (loading the
+models, dtypes, stop ids), math_data.py (prompts, real datasets, answer checking), evaluation.py (the run's decoder,
+held-out pass@1, the shown problems), checkpoints.py (atomic checkpoints, relaunch and resume, the logs and summary),
+tracking.py (report_to), synthetic_task.py (the embedded offline task and its cached teacher and student),
+compare.py (--compare over seeds). The commands besides training are in scripts/ (python -m scripts.evaluate, ...).
 """
 import json
 import math

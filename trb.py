@@ -2,17 +2,14 @@
 Trust-Region Behavior Blending (TRB) for on-policy distillation.
 Paper: Plyusov et al., "Trust-Region Behavior Blending for On-Policy Distillation", arXiv 2605.31159 (2026).
 
-On-policy distillation (OPD) trains a student pi_S on prefixes it samples itself, with a per-prefix reverse KL to
-a frozen teacher pi_T (E1). Early student rollouts are poor, so TRB samples warmup rollouts from the most
-teacher-like distribution inside a KL trust region around the student (E2). That distribution is a geometric blend
-of the two models (E3) whose strength beta is solved per token (E4). The budget eps anneals to zero (E5), after
-which training is plain OPD. TRB changes only which prefixes are visited; the loss is always E1.
+On-policy distillation (OPD) trains a student pi_S on prefixes it samples itself, with a per-prefix reverse KL to a
+frozen teacher pi_T (E1). Early student rollouts are poor, so TRB samples warmup rollouts from the most teacher-like
+distribution inside a KL trust region around the student (E2): a geometric blend of the two models (E3) whose
+strength beta is solved per token (E4). The budget eps anneals to zero (E5), then training is plain OPD. TRB changes
+only which prefixes are visited; the loss is always E1.
 
-The labels E1-E5 are this project's, defined in docs/method.md. Read top-down, in that page's order: the schedule,
-the blend, the solve, the loss, the lockstep sampler, the behavior policies. This file imports nothing of the
-project; the speed machinery (static caches, the compiled decode step, the chunked loss) is in distill/fast.py.
-
-Shapes: B batch, T time (sequence positions), P prompt length, N new tokens, V vocabulary.
+The labels E1-E5 are this project's, defined in docs/method.md, whose order this file follows. It imports nothing of
+the project (the speed machinery is in distill/fast.py). Shapes: B batch, T time, P prompt, N new tokens, V vocab.
 
     equation                                              function
     E1  L = E_h[ KL(pi_S(.|h) || pi_T(.|h)) ]             reverse_kl, opd_loss
@@ -47,11 +44,8 @@ def compute_dtype(x):
 
 
 def _blend_terms(student_logits, teacher_logits):
-    """
-    log_ps (..., V) = log pi_S on the joint support M (-inf off M) and r (..., V) = log pi_T - log pi_S (0 off M).
-    Off M a token has weight 0 for every beta > 0: the student gives it probability 0 (never feasible) or the teacher
-    does (weight pi_T^beta = 0). docs/method.md section 2.
-    """
+    """log_ps = log pi_S on the joint support M (-inf off M), r = log pi_T - log pi_S (0 off M), each (..., V). Off M a
+    token has weight 0 for every beta > 0: pi_S(a) = 0 (never feasible) or pi_T(a)^beta = 0 (docs/method.md sec. 2)."""
     dtype = compute_dtype(student_logits)
     log_ps = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
     # Normalise both first: raw t - s loses digits when logits are in the thousands.
@@ -61,14 +55,11 @@ def _blend_terms(student_logits, teacher_logits):
 
 
 def blend_logprobs(student_logits, teacher_logits, beta):
-    """
-    E3: log mu_beta = log pi_S + beta * r - A(beta), normalised, shape (..., V); beta (...) or a float. Student zeros
-    stay zero; teacher zeros get zero for beta > 0; disjoint supports (no blend) give log pi_S. Never NaN.
-    """
+    """E3: log mu_beta = log pi_S + beta * r - A(beta), normalised, (..., V); beta (...) or a float. Student zeros stay
+    zero, teacher zeros get zero for beta > 0; beta = 0 and disjoint supports give log_softmax(student). Never NaN."""
     log_ps, r = _blend_terms(student_logits, teacher_logits)
     beta = torch.as_tensor(beta, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
     w = torch.addcmul(log_ps, beta.unsqueeze(-1), r)  # (..., V) on the joint support
-    # beta = 0 and rows with no joint support are pi_S itself: log_softmax(student), equal by construction.
     fallback = (beta == 0) | ~torch.isfinite(w.amax(dim=-1))  # (...)
     pure_student = torch.log_softmax(student_logits.to(log_ps.dtype), dim=-1)  # (..., V)
     return torch.where(fallback.unsqueeze(-1), pure_student, torch.log_softmax(w, dim=-1))
@@ -86,17 +77,13 @@ def _kl(log_p, log_q):
 
 @torch.no_grad()
 def solve_beta_bisect(student_logits, teacher_logits, eps, iters=50):
-    """
-    E4 as the paper states it: beta* = max { beta in [0, 1] : KL(mu_beta || pi_S) <= eps }, by bisection (the KL
-    grows monotonically in beta), bracketed to 2^-iters. eps: a float or a tensor of the batch shape; disjoint
-    supports give 0.
-    """
+    """E4 as the paper states it: beta* = max {beta in [0, 1]: KL(mu_beta || pi_S) <= eps}, by bisection (the KL grows
+    monotonically in beta) to 2^-iters. eps: a float or a tensor of the batch shape; disjoint supports give 0."""
     log_ps, r = _blend_terms(student_logits, teacher_logits)  # (..., V) on the joint support of the two models
     eps = torch.as_tensor(eps, dtype=log_ps.dtype, device=log_ps.device).expand(log_ps.shape[:-1])
 
     def realised_kl(beta):  # KL(mu_beta || pi_S); NaN where the supports are disjoint: never <= eps, so infeasible
         return _kl(torch.log_softmax(log_ps + beta.unsqueeze(-1) * r, dim=-1), log_ps)
-
     lo, hi = torch.zeros_like(eps), torch.ones_like(eps)  # KL(lo) <= eps < KL(hi), unless beta* = 1
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -107,27 +94,20 @@ def solve_beta_bisect(student_logits, teacher_logits, eps, iters=50):
 
 
 def may_read(x):
-    """Whether the solver may read x's values on the host to skip work every row would mask out: always, except inside
-    a torch.compile trace. Either way the result is the same; on a GPU the reads cut the kernel launches ~30x."""
+    """Whether host reads of x may skip masked-out work (same result, ~30x fewer GPU launches): not in torch.compile."""
     return not torch.compiler.is_compiling()
 
 
 def _moments(weights, r, scratch):
-    """sum_a weights(a) r(a)^k for k = 1, 2, 3, each (B,), by cascade sums in one reused (B, V) buffer (a float32
-    matmul over 151936 terms is off by ~2e-4)."""
+    """sum_a weights(a) r(a)^k, k = 1, 2, 3, each (B,), by cascade sums in one (B, V) buffer (matmul: ~2e-4 off)."""
     product = torch.mul(weights, r, out=scratch)  # (B, V)
-    first = product.sum(dim=-1)
-    second = product.mul_(r).sum(dim=-1)
-    return first, second, product.mul_(r).sum(dim=-1)
+    return product.sum(dim=-1), product.mul_(r).sum(dim=-1), product.mul_(r).sum(dim=-1)
 
 
 def _blend_moments(beta, log_ps, r, ps, mass, ps_moments, work, scratch):
-    """
-    A(beta) - log(mass) and E_mu[r^k], k = 1, 2, 3, each (B,): the inputs of KL(beta) = beta E_mu[r] - A(beta) and
-    its derivatives. At eps ~ 1e-4 that KL is ~1e3 times smaller than log pi_S + beta r, so it is evaluated relative
-    to pi_S, A = log1p(sum_a pi_S (exp(beta r) - 1)), every term O(beta r). Rows where exp(beta r) could overflow
-    (logits in the thousands) take the log-space form with a max shift and float64 sums.
-    """
+    """A(beta) - log(mass) and E_mu[r^k], k = 1, 2, 3, each (B,), for KL(beta) = beta E_mu[r] - A(beta). At eps ~ 1e-4
+    that KL is ~1e3 times smaller than log pi_S + beta r, so it is taken relative to pi_S, A = log1p(sum_a pi_S
+    (exp(beta r) - 1)), every term O(beta r); rows where exp(beta r) could overflow take the log-space form."""
     relative = beta * r.amax(dim=-1) <= 60  # (B,)
     forms = []
     if not (may_read(relative) and not bool(relative.any())):
@@ -145,27 +125,18 @@ def _blend_moments(beta, log_ps, r, ps, mass, ps_moments, work, scratch):
         second, third = scratch.mul_(r).sum(dim=-1) / z.to(e.dtype), scratch.mul_(r).sum(dim=-1) / z.to(e.dtype)
         a = shift.squeeze(-1) + torch.log(z) - torch.log(mass)
         forms.append((a.to(e.dtype), first.to(e.dtype), second, third))
-    if len(forms) == 1:
-        return forms[0]
-    return tuple(torch.where(relative, x, y) for x, y in zip(*forms))
+    return forms[0] if len(forms) == 1 else tuple(torch.where(relative, x, y) for x, y in zip(*forms))
 
 
 @torch.no_grad()
 def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
-    """
-    E4, fast: the beta* of solve_beta_bisect, for about one evaluation of the blend instead of 50. With
-    A(beta) = log E_{pi_S}[exp(beta r)]: KL(beta) = beta A' - A, KL' = beta Var_mu[r], KL'' = Var_mu[r] +
-    beta E_mu[(r - E_mu r)^3]. KL grows like beta^2 sigma^2 / 2, so Halley steps on g = sqrt(KL) - sqrt(eps) (nearly
-    linear in beta) from the small-budget guess sqrt(2 eps / sigma^2), refined by the third cumulant, inside a bracket
-    that falls back to bisection (docs/method.md section 2). A row stops within `tol` (relative) of eps, at beta = 1
-    if that is feasible, one Halley step after a point within 5% of eps whose step is under 2% of beta, or at the
-    feasible end of a bracket narrower than 1e-7 (or of the last one, after max_iter).
-    eps: float >= 0 (inf allowed) or a tensor broadcastable to (...). Returns beta* (...) in float32 (float64 for
-    float64 logits); disjoint supports give 0. Fixed-shape code: inside a torch.compile trace it runs all max_iter
-    masked iterations, and a bad eps gives NaN instead of raising.
-    """
-    dtype = compute_dtype(student_logits)
-    batch_shape, V = student_logits.shape[:-1], student_logits.shape[-1]
+    """E4, fast: solve_beta_bisect's beta* for about one blend evaluation instead of 50. With A(beta) =
+    log E_{pi_S}[exp(beta r)]: KL = beta A' - A, KL' = beta Var_mu[r], KL'' = Var_mu[r] + beta E_mu[(r - E_mu r)^3].
+    KL grows like beta^2 sigma^2 / 2, so Halley steps on g = sqrt(KL) - sqrt(eps) (nearly linear in beta) from the
+    small-budget guess sqrt(2 eps / sigma^2), refined by the third cumulant, inside a bracket that falls back to
+    bisection (docs/method.md section 2), until KL is within `tol` (relative) of eps. eps >= 0 (inf allowed): a float
+    or a tensor broadcastable to (...); beta* (...) in compute_dtype. Compiled, a bad eps gives NaN, not an error."""
+    dtype, batch_shape, V = compute_dtype(student_logits), student_logits.shape[:-1], student_logits.shape[-1]
     if not torch.is_tensor(eps) and not eps >= 0:
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
     eps = torch.as_tensor(eps, dtype=dtype, device=student_logits.device).expand(batch_shape).reshape(-1)  # (B,)
@@ -176,20 +147,17 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
         return torch.zeros_like(eps).reshape(batch_shape)  # mu* = pi_S: nothing to solve
     s, t = student_logits.reshape(-1, V).to(dtype), teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
     log_ps, r, ps, work, scratch = (torch.empty_like(s) for _ in range(5))  # (B, V) each, written in place below
-
     # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
     torch.log_softmax(s, dim=-1, out=log_ps)
     torch.log_softmax(t, dim=-1, out=r).sub_(log_ps)
     torch.exp(log_ps, out=ps)
-    # A float32 log_softmax over ~1e5 tokens is normalised only to ~5e-6, so A is taken relative to the measured mass.
     mass = ps.sum(dim=-1)  # (B,)
-    log_norm = torch.log(mass)
+    log_norm = torch.log(mass)  # a float32 log_softmax is normalised to ~5e-6 only: A is taken relative to the mass
     mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)  # (B,) not finite iff a token is off the joint support
     if not (free and bool(torch.isfinite(mean0).all())):
         off = ~torch.isfinite(r)  # (B, V) +inf: student zero; -inf: teacher zero; NaN: both
         log_ps.masked_fill_(off, -math.inf), r.masked_fill_(off, 0.0), ps.masked_fill_(off, 0.0)
-        mass = ps.sum(dim=-1)
-        mean0 = torch.mul(ps, r, out=scratch).sum(dim=-1)
+        mass, mean0 = ps.sum(dim=-1), torch.mul(ps, r, out=scratch).sum(dim=-1)
     a0 = torch.log(mass) - log_norm  # A(0+); KL(0+) = -A(0+), exactly 0 when the supports agree
     r.sub_((mean0 / mass).unsqueeze(-1))  # centred under pi_S (a shift the blend ignores): small A and beta E_mu[r]
     _, second, third = _moments(ps, r, scratch)
@@ -197,7 +165,6 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     done = (eps == 0) | ~torch.isfinite(a0) | (-a0 > eps)  # beta* = 0: no budget, disjoint supports, 0+ infeasible
     one = ~done & torch.isinf(eps)
     beta_star, done = torch.where(one, 1.0, torch.zeros_like(eps)), done | one  # (B,) final where done
-
     # Initial guess: KL = sigma^2 beta^2 / 2 + kappa_3 beta^3 / 3 + O(beta^4), one Newton step on the cubic.
     beta = torch.sqrt(2 * eps / var0)
     beta = (beta - skew0 * beta ** 3 / 3 / (var0 * beta + skew0 * beta ** 2)).nan_to_num(1.0).clamp(1e-12, 1.0)
@@ -215,8 +182,7 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
         narrow = ~done & (hi - lo < 1e-7)
         beta_star, done = torch.where(narrow, lo, beta_star), done | narrow
         # Halley on g = sqrt(KL) - sqrt(eps): g' = KL' / (2 sqrt KL), g'' = KL'' / (2 sqrt KL) - KL'^2 / (4 KL^1.5).
-        var, skew = (m2 - m1 * m1).clamp_min(0.0), m3 - 3 * m1 * m2 + 2 * m1 ** 3
-        sqrt_kl = torch.sqrt(kl)
+        var, skew, sqrt_kl = (m2 - m1 * m1).clamp_min(0.0), m3 - 3 * m1 * m2 + 2 * m1 ** 3, torch.sqrt(kl)
         g, g1 = sqrt_kl - sqrt_eps, beta * var / (2 * sqrt_kl)
         g2 = (var + beta * skew) / (2 * sqrt_kl) - g1 * g1 / sqrt_kl
         step = 2 * g * g1 / (2 * g1 * g1 - g * g2)
@@ -228,8 +194,7 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
         converged = ~done & inside & near & (step.abs() <= 0.02 * beta) & (new < 1.0)
         beta_star, done = torch.where(converged, new, beta_star), done | converged
         beta = torch.where(inside, new, (lo + hi) / 2)
-    beta_star = torch.where(done, beta_star, lo)  # out of iterations: the feasible end of the bracket
-    return torch.where(eps >= 0, beta_star, math.nan).reshape(batch_shape)
+    return torch.where(eps >= 0, torch.where(done, beta_star, lo), math.nan).reshape(batch_shape)  # not done: lo
 
 
 # -----------------------------------------------------------------------------
@@ -237,20 +202,15 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
 
 
 def reverse_kl(student_logits, teacher_logits):
-    """
-    E1 per position: KL(pi_S || pi_T) = sum_a pi_S(a) (log pi_S(a) - log pi_T(a)), shape (...), in at least float32.
-    Student zeros contribute 0 (also to the gradient); a teacher zero where the student is not makes it +inf.
-    """
+    """E1 per position: KL(pi_S || pi_T) = sum_a pi_S(a) (log pi_S(a) - log pi_T(a)), (...), in at least float32.
+    Student zeros contribute 0 (also to the gradient); a teacher zero where the student is not makes it +inf."""
     dtype = compute_dtype(student_logits)
     return _kl(torch.log_softmax(student_logits.to(dtype), dim=-1), torch.log_softmax(teacher_logits.to(dtype), dim=-1))
 
 
 def topk_reverse_kl(student_logits, teacher_logits, topk):
-    """
-    E1 per position, exact for topk = 0 (or >= V); else the paper's estimate (docs/method.md section 1): with S_k the
-    k tokens of highest student logit (chosen without gradient) and q = pi_S renormalised on S_k,
-    KL(q || pi_T) = sum_{a in S_k} q(a) (log q(a) - log pi_T(a)), log pi_T over the full vocabulary.
-    """
+    """E1 per position, exact for topk = 0 or >= V; else the paper's estimate (docs/method.md section 1) KL(q || pi_T):
+    S_k the topk tokens of highest student logit (no gradient), q = pi_S renormalised on S_k, pi_T on the full vocab."""
     if topk == 0 or topk >= student_logits.shape[-1]:
         return reverse_kl(student_logits, teacher_logits)
     dtype = compute_dtype(student_logits)
@@ -260,11 +220,8 @@ def topk_reverse_kl(student_logits, teacher_logits, topk):
 
 
 def opd_loss(student_logits, teacher_logits, mask, topk=0):
-    """
-    E1 as a scalar: the mean of the per-position KL over positions where mask (...) is true (a token mean over the
-    batch; all false gives 0). Only masked-in positions are computed, so nothing, not even NaN, reaches the others'
-    gradients; the teacher is data (no gradient). topk > 0: the paper's top-k estimate (topk_reverse_kl).
-    """
+    """E1 as a scalar: the token mean of the per-position KL where mask (...) is true (0 if none). Only masked-in
+    positions are computed, so not even a NaN reaches the others' gradients; the teacher gets no gradient."""
     if mask.dtype != torch.bool or topk < 0:
         raise ValueError(f"need a bool mask and topk >= 0, got {mask.dtype}, {topk}")
     kl = topk_reverse_kl(student_logits[mask], teacher_logits[mask].detach(), topk)  # (n,)
@@ -276,8 +233,7 @@ def canonicalise_eos(logits, eos_ids):
     of all EOS logits and the others get -inf. Applied to both models before blending and before the loss."""
     if len(eos_ids) <= 1:
         return logits
-    merged = torch.logsumexp(logits[..., eos_ids], dim=-1)  # (...)
-    logits = logits.clone()
+    merged, logits = torch.logsumexp(logits[..., eos_ids], dim=-1), logits.clone()  # (...); a copy to edit
     logits[..., eos_ids[1:]] = -math.inf
     logits[..., eos_ids[0]] = merged
     return logits
@@ -312,11 +268,8 @@ def _sample(log_probs, noise):
 
 
 def blend_token_rule(student_logits, teacher_logits, eps, noise):
-    """
-    The default token rule: solve beta* (E4) per row, then draw from mu_beta* (E3). teacher_logits is None for the
-    pure student (eps = 0). noise: None (greedy) or (draws, B, V) Exp(1), draws = the rule's `draws`. A token rule
-    returns (B,) tensors: `token` and the Rollout fields beta, behavior_logprobs, realised_kl and replaced.
-    """
+    """The default token rule: solve beta* (E4) per row, draw from mu_beta* (E3); teacher_logits None: pure student.
+    noise: None (greedy) or (draws, B, V) Exp(1). Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)
@@ -334,11 +287,9 @@ blend_token_rule.draws = 1
 
 
 def skd_token_rule(top_k, teacher_temperature):
-    """
-    SKD-style injection (docs/method.md section 6): the student proposes a token; outside the teacher's top_k it is
-    replaced by a fresh teacher sample at teacher_temperature. The behavior distribution is known exactly:
-        q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a).
-    """
+    """SKD-style injection (docs/method.md section 6): the student proposes a token; outside the teacher's top_k a fresh
+    teacher sample at teacher_temperature replaces it. The behavior distribution is known exactly:
+        q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a)."""
     def rule(student_logits, teacher_logits, eps, noise):
         log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
         log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
@@ -361,8 +312,7 @@ CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward
 
 
 def last_position(ids):
-    """logits_to_keep for a forward of ids (B, T) that needs the last position only: its index (1,), which gathers a
-    contiguous (B, 1, H) (an int slices a strided view, which the head multiplies as a per-row copy of itself)."""
+    """logits_to_keep for the last position of ids (B, T): its index (1,), which gathers a contiguous (B, 1, H)."""
     return torch.tensor([ids.shape[1] - 1], device=ids.device)
 
 
@@ -379,15 +329,9 @@ def _feed(models, caches, token, mask, positions, vocab_size):
 
 
 class Decoding:
-    """
-    How blended_generate keeps its KV caches and runs its per-token forwards: the reference, a DynamicCache per model
-    and eager forwards. Any object with these members can stand in (distill/fast.py's static caches and compiled
-    step); none may change a token, only speed and memory.
-      stop_check_every: ask all_finished every this many tokens; cache: "dynamic" (the attention mask grows a column
-      per token) or "static" (it spans the whole cache); rows(B): rows to decode (more than B: the extra rows are
-      copies of row 0, done from the start); new_caches(models, rows, P, N): (one cache per model, its length);
-      feed(step, *args): step(*args), the per-token forwards.
-    """
+    """blended_generate's KV caches and forwards (here DynamicCache, eager); stand-ins (distill/fast.py) never change a
+    token. stop_check_every: tokens per all_finished call; cache: "dynamic" (mask grows per token) or "static"; rows(B):
+    rows to decode (extras copy row 0, done); new_caches(models, rows, P, N) -> (caches, length); feed(step, *args)."""
     stop_check_every, cache = 1, "dynamic"
 
     def rows(self, batch_rows):
@@ -404,19 +348,12 @@ class Decoding:
 def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_new_tokens, temperature=1.0,
                      eos_token_id=None, pad_token_id=None, generator=None, token_rule=None, vocab_size=None,
                      all_finished=None, decoding=None):
-    """
-    E2 rollouts: student and teacher decode in lockstep, each from its own KV cache, and every token is drawn from
-    mu* = mu_beta* at budget eps (solved per row and step). eps = 0 is the pure student (the teacher is never run and
-    may be None), eps = inf the pure teacher (mu_1 = pi_T on the student's support).
-
-    input_ids, attention_mask: (B, P) left-padded prompts. temperature tau divides both models' logits before the
-    blend; 0 is greedy (argmax of mu* at tau = 1). eos_token_id: an int or a list, merged into one stop event emitted
-    as the first (canonicalise_eos); a row stops at its first EOS and emits pad_token_id after it. token_rule: how a
-    token is chosen from the two models' (B, V) logits (blend_token_rule; skd_token_rule). vocab_size: the shared
-    tokenizer range (padded head rows beyond it are never sampled). all_finished(done (B,)) -> bool: when to stop;
-    under FSDP it must agree across ranks (train_fsdp.py). decoding: see Decoding. Noise is drawn from generator in
-    a fixed order: a seeded run reproduces.
-    """
+    """E2 rollouts: student and teacher decode in lockstep, every token drawn from mu* = mu_beta* at budget eps (beta*
+    solved per row and step). eps = 0 is the pure student (the teacher is never run, may be None), eps = inf the pure
+    teacher (mu_1 = pi_T on the student's support). input_ids, attention_mask: (B, P) left-padded prompts. temperature
+    tau divides both logits; 0 is greedy. eos_token_id (int or list): one stop event (canonicalise_eos); a row emits
+    pad_token_id after its first EOS. token_rule: see blend_token_rule. all_finished(done (B,)) -> bool: when to stop;
+    under FSDP it must agree across ranks (train_fsdp.py). decoding: see Decoding. A seeded generator reproduces."""
     if eps < 0 or math.isnan(eps) or temperature < 0:
         raise ValueError(f"need eps >= 0 (inf allowed) and temperature >= 0, got {eps}, {temperature}")
     token_rule, decoding = token_rule or blend_token_rule, decoding or Decoding()
@@ -427,8 +364,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     if eos_ids and pad_token_id is None:
         raise ValueError("pad_token_id is needed to pad rows that stop at EOS")
     all_finished = all_finished or (lambda done: bool(done.all()))
-    greedy, tau = temperature == 0, (temperature or 1.0)
-    (B, P), device = input_ids.shape, input_ids.device
+    greedy, tau, (B, P), device = temperature == 0, (temperature or 1.0), input_ids.shape, input_ids.device
     models = [student] + ([teacher] if use_teacher else [])
     vocab_size = vocab_size or min(m.get_output_embeddings().weight.shape[0] for m in models)
     rows = decoding.rows(B)
@@ -440,7 +376,6 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         draws = getattr(token_rule, "draws", 1)
         real = torch.empty(draws, B, vocab_size, device=device).exponential_(generator=generator)
         return torch.cat([real, real.new_ones(draws, rows - B, vocab_size)], dim=1)
-
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
     caches, length = decoding.new_caches(models, rows, P, max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
@@ -464,13 +399,11 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         token = step["token"].masked_fill(done, pad_token_id) if eos_ids else step["token"]  # (rows,)
         columns.append(dict(step, token=token, completion_mask=~done))
         # 3. Stop once every row has emitted EOS (asked every stop_check_every tokens).
-        if eos_ids:
-            done = done | torch.isin(token, eos)
+        done = done | torch.isin(token, eos) if eos_ids else done
         if n == max_new_tokens or (n % decoding.stop_check_every == 0 and all_finished(done)):
             break
         # 4. Feed the token to both caches.
-        if decoding.cache == "dynamic":
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1) if decoding.cache == "dynamic" else mask
         logits = decoding.feed(_feed, models, caches, token, mask, positions, vocab_size)
         positions = positions + 1
     empty = dict(token=torch.long, completion_mask=torch.bool, replaced=torch.bool)  # dtypes when N = 0
@@ -482,8 +415,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
 
 
 # -----------------------------------------------------------------------------
-# Behavior policies: the paper's baselines (docs/method.md section 6), each a function of the optimisation step
-# returning blended_generate's keyword arguments. cfg is any object with the attributes used below.
+# Behavior policies, the paper's baselines (docs/method.md section 6): (step, cfg) -> blended_generate's kwargs.
 
 
 def _temperature_warmup(step, cfg):

@@ -129,13 +129,14 @@ def _blend_moments(beta, log_ps, r, ps, mass, ps_moments, work, scratch):
 
 
 @torch.no_grad()
-def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
+def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50, buffers=None):
     """E4, fast: solve_beta_bisect's beta* for about one blend evaluation instead of 50. With A(beta) =
     log E_{pi_S}[exp(beta r)]: KL = beta A' - A, KL' = beta Var_mu[r], KL'' = Var_mu[r] + beta E_mu[(r - E_mu r)^3].
     KL grows like beta^2 sigma^2 / 2, so Halley steps on g = sqrt(KL) - sqrt(eps) (nearly linear in beta) from the
     small-budget guess sqrt(2 eps / sigma^2), refined by the third cumulant, inside a bracket that falls back to
     bisection (docs/method.md section 2), until KL is within `tol` (relative) of eps. eps >= 0 (inf allowed): a float
-    or a tensor broadcastable to (...); beta* (...) in compute_dtype. Compiled, a bad eps gives NaN, not an error."""
+    or a tensor broadcastable to (...); beta* (...) in compute_dtype. Compiled, a bad eps gives NaN, not an error.
+    buffers(shape, dtype, device): five (B, V) tensors to overwrite, kept by a caller that solves token after token."""
     dtype, batch_shape, V = compute_dtype(student_logits), student_logits.shape[:-1], student_logits.shape[-1]
     if not torch.is_tensor(eps) and not eps >= 0:
         raise ValueError(f"eps must be >= 0 (inf allowed), got {eps}")
@@ -146,7 +147,8 @@ def solve_beta(student_logits, teacher_logits, eps, tol=1e-4, max_iter=50):
     if free and bool((eps == 0).all()):
         return torch.zeros_like(eps).reshape(batch_shape)  # mu* = pi_S: nothing to solve
     s, t = student_logits.reshape(-1, V).to(dtype), teacher_logits.reshape(-1, V).to(dtype)  # (B, V)
-    log_ps, r, ps, work, scratch = (torch.empty_like(s) for _ in range(5))  # (B, V) each, written in place below
+    new = [torch.empty_like(s) for _ in range(5)] if buffers is None else buffers(s.shape, dtype, s.device)
+    log_ps, r, ps, work, scratch = new  # (B, V) each, written in place below
     # Setup: log pi_S and r on the joint support, centred, and pi_S's own moments (the blend at 0+).
     torch.log_softmax(s, dim=-1, out=log_ps)
     torch.log_softmax(t, dim=-1, out=r).sub_(log_ps)
@@ -267,15 +269,15 @@ def _sample(log_probs, noise):
     return log_probs.argmax(dim=-1) if noise is None else (log_probs - noise.log()).argmax(dim=-1)
 
 
-def blend_token_rule(student_logits, teacher_logits, eps, noise):
-    """The default token rule: solve beta* (E4) per row, draw from mu_beta* (E3); teacher_logits None: pure student.
+def blend_token_rule(student_logits, teacher_logits, eps, noise, buffers=None):
+    """The default token rule: beta* (E4) per row (buffers: solve_beta's), a draw from mu_beta* (E3); no teacher: pi_S.
     noise: None (greedy) or (draws, B, V) Exp(1). Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)
         log_mu, kl = log_ps, torch.zeros_like(beta)
     else:
-        beta = solve_beta(student_logits, teacher_logits, eps)  # (B,)
+        beta = solve_beta(student_logits, teacher_logits, eps, buffers=buffers)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
         kl = _kl(log_mu, log_ps)
     token = _sample(log_mu, None if noise is None else noise[0])  # (B,)
@@ -290,7 +292,7 @@ def skd_token_rule(top_k, teacher_temperature):
     """SKD-style injection (docs/method.md section 6): the student proposes a token; outside the teacher's top_k a fresh
     teacher sample at teacher_temperature replaces it. The behavior distribution is known exactly:
         q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a)."""
-    def rule(student_logits, teacher_logits, eps, noise):
+    def rule(student_logits, teacher_logits, eps, noise, buffers=None):
         log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
         log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
         top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
@@ -331,8 +333,9 @@ def _feed(models, caches, token, mask, positions, vocab_size):
 class Decoding:
     """blended_generate's KV caches and forwards (here DynamicCache, eager); stand-ins (distill/fast.py) never change a
     token. stop_check_every: tokens per all_finished call; cache: "dynamic" (mask grows per token) or "static"; rows(B):
-    rows to decode (extras copy row 0, done); new_caches(models, rows, P, N) -> (caches, length); feed(step, *args)."""
-    stop_check_every, cache = 1, "dynamic"
+    rows to decode (extras copy row 0, done); new_caches(models, rows, P, N) -> (caches, length); feed(step, *args);
+    solver_buffers: None, or solve_beta's buffers kept from token to token."""
+    stop_check_every, cache, solver_buffers = 1, "dynamic", None
 
     def rows(self, batch_rows):
         return batch_rows
@@ -389,7 +392,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         # 2. Pick the token: both models' logits at the temperature with one stop event, then the token rule.
         step_logits = [canonicalise_eos(x / tau, eos_ids) for x in logits]
         teacher_logits = step_logits[1] if use_teacher else None
-        step = token_rule(step_logits[0], teacher_logits, eps, noise())
+        step = token_rule(step_logits[0], teacher_logits, eps, noise(), decoding.solver_buffers)
         if use_teacher:
             log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (rows, V)
             step["teacher_logprobs"] = log_pt.gather(-1, step["token"][:, None]).squeeze(-1)

@@ -6,8 +6,8 @@ for:
   memory path: float32 logits of a bf16 head without a float32 copy of it, and the exact KL with its analytic
   gradient in place. Reference: trb.opd_loss on full logits (tests/test_math.py).
 - Decoding: trb.blended_generate's `decoding` with options, static KV caches and the compiled per-token forward kept
-  between calls, with row padding so that a run compiles few shapes. Reference: trb.Decoding, the eager step with a
-  dynamic cache (tests/test_fast_decode.py).
+  between calls, with row padding so that a run compiles few shapes, and the solver's buffers kept from token to
+  token (SolverBuffers). Reference: trb.Decoding, the eager step with a dynamic cache (tests/test_fast_decode.py).
 
 Nothing here changes a result: every compiled or cached path gives the eager, uncached tokens.
 """
@@ -153,6 +153,30 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
 
 
 # -----------------------------------------------------------------------------
+# The solver's buffers, kept between tokens.
+
+
+class SolverBuffers:
+    """
+    trb.solve_beta's five (B, V) buffers, kept from one call to the next for one shape at a time, as a decode loop
+    calls it (so one object must not be shared by threads). Allocated anew at every token, blocks this large are mapped
+    and faulted in afresh by a fresh glibc process, and the solver's speed would depend on the allocator's history (2x
+    apart on a CPU: docs/benchmarks.md). Inside a torch.compile trace the compiled solve plans its own.
+    """
+
+    def __init__(self):
+        self.key, self.tensors = None, None
+
+    def __call__(self, shape, dtype, device):
+        if torch.compiler.is_compiling():
+            return [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
+        key = (tuple(shape), dtype, device)
+        if key != self.key:
+            self.key, self.tensors = key, [torch.empty(shape, dtype=dtype, device=device) for _ in range(5)]
+        return self.tensors
+
+
+# -----------------------------------------------------------------------------
 # Decoding's state between calls: static caches and the compiled per-token forward.
 
 
@@ -206,6 +230,7 @@ class Decoding:
             raise ValueError("compile=True needs cache='static' (a growing cache changes shape at every token)")
         self.compiled, self.mode, self.failed = None, None, False  # the compiled forward, its mode, a failed compile
         self.kept = weakref.WeakKeyDictionary()  # model -> (rows, length, its StaticCache), with compile only
+        self.solver_buffers = SolverBuffers()  # solve_beta's, kept through the run (the memory plan counts them)
 
     def rows(self, batch_rows):
         """Rows a call decodes: the batch's, or with compile the power of two at or above it."""

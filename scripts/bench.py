@@ -47,12 +47,14 @@ def solve_inputs(B=8, V=151936):
 
 
 def _solve_child(runs, repeats):
-    """Run in a fresh process, with no warm-up of any kind: solve_beta at eps = 0.02 in log_softmax units, per run."""
+    """Run in a fresh process, with no warm-up of any kind: solve_beta at eps = 0.02 in log_softmax units, per run, on
+    buffers kept from call to call as a decode loop keeps them (fast.SolverBuffers)."""
     student, teacher = solve_inputs()
-    ratios = []
+    buffers, ratios = fast.SolverBuffers(), []
     for _ in range(runs):
         t_ref = median_time(lambda: torch.log_softmax(student, -1), repeats, warmup=0)
-        ratios.append(median_time(lambda: trb.solve_beta(student, teacher, 0.02), repeats, warmup=0) / t_ref)
+        ratios.append(median_time(lambda: trb.solve_beta(student, teacher, 0.02, buffers=buffers), repeats,
+                                  warmup=0) / t_ref)
     print(json.dumps(ratios))
 
 
@@ -64,11 +66,12 @@ def bench_solve(args):
     fresh = json.loads(out.stdout.strip().splitlines()[-1])
     student, teacher = solve_inputs()
     B, V = student.shape
+    buffers = fast.SolverBuffers()  # kept from call to call, as fast.Decoding keeps them for the decode loop
     # Accuracy first, checked in float64. This also warms glibc's allocator (its mmap threshold adapts to the largest
     # freed block), so that each timing sees the steady state of a training loop rather than fresh page faults.
     rows = []
     for eps in (0.001, 0.02, 0.1):
-        beta = trb.solve_beta(student, teacher, eps)
+        beta = trb.solve_beta(student, teacher, eps, buffers=buffers)
         log_mu = trb.blend_logprobs(student.double(), teacher.double(), beta.double())
         kl = (log_mu.exp() * (log_mu - torch.log_softmax(student.double(), -1))).sum(-1)
         rows.append(dict(eps=eps, mean_beta=beta.mean().item(), max_rel_kl_error=((kl - eps).abs() / eps).max().item()))
@@ -76,7 +79,7 @@ def bench_solve(args):
         ratios = []
         for _ in range(args.runs):  # alternate the two so that machine noise hits both alike
             t_ref = median_time(lambda: torch.log_softmax(student, -1), args.repeats)
-            t_solve = median_time(lambda: trb.solve_beta(student, teacher, row["eps"]), args.repeats)
+            t_solve = median_time(lambda: trb.solve_beta(student, teacher, row["eps"], buffers=buffers), args.repeats)
             ratios.append(t_solve / t_ref)
         row.update(ratio=statistics.median(ratios), ratios=[round(x, 2) for x in ratios])
     t_ref = median_time(lambda: torch.log_softmax(student, -1), args.repeats)
@@ -109,10 +112,11 @@ def token_rule_ops(reads, B=16, V=151936, eps=0.02):
     noise = torch.empty(1, B, V).exponential_(generator=torch.Generator().manual_seed(1))
     may_read = trb.may_read
     trb.may_read = may_read if reads else (lambda x: False)
+    buffers = fast.SolverBuffers()  # as blended_generate passes them with fast.Decoding
     try:
-        trb.blend_token_rule(student, teacher, eps, noise)
+        trb.blend_token_rule(student, teacher, eps, noise, buffers)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            trb.blend_token_rule(student, teacher, eps, noise)
+            trb.blend_token_rule(student, teacher, eps, noise, buffers)
     finally:
         trb.may_read = may_read
     top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]

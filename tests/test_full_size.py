@@ -67,7 +67,7 @@ def test_prompts_over_max_prompt_tokens_are_dropped_with_a_count(qwen3_folders, 
     limit = max(n for q, n in lengths.items() if "long" not in q)
     assert limit < min(n for q, n in lengths.items() if "long" in q)
     cfg = dataclasses.replace(cfg, max_prompt_tokens=limit)
-    full_train, full_held_out = __import__("math_data").load_splits(cfg)
+    full_train, full_held_out = math_data.load_splits(cfg)
     train, held_out = math_data.load_run_splits(cfg, tokenizer)
     expected = lambda part: [q for q in part["question"] if lengths[q] <= limit]
     assert list(train["question"]) == expected(full_train) and list(held_out["question"]) == expected(full_held_out)

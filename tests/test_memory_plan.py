@@ -11,6 +11,7 @@ import torch
 
 
 from distill import config, fast, memory_plan
+from scripts import memory_plan as plan_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"qwen3_1.7b_from_8b": 8, "qwen3_0.6b_from_4b": 8, "gsm8k_1gpu": 1}  # preset: its world size
@@ -126,14 +127,14 @@ def test_compiled_decoding_keeps_the_largest_static_caches_at_every_moment():
 
 def test_plan_command_prints_the_table(tmp_path):
     """python -m scripts.memory_plan prints the table without a process group; a bad --world_size is one line."""
-    result = subprocess.run([sys.executable, "train_fsdp.py", "--plan", "--world_size=8",
+    result = subprocess.run([sys.executable, "-m", "scripts.memory_plan", "--world_size=8",
                              "--config=configs/qwen3_1.7b_from_8b.yaml"], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "loss backward" in result.stdout and "built-in Qwen3 shape" in result.stdout
     assert "1024 prompt (max_prompt_tokens)" in result.stdout
     assert "fits in 80 GiB" in result.stdout
-    bad = subprocess.run([sys.executable, "train_fsdp.py", "--plan", "--world_size=3",
+    bad = subprocess.run([sys.executable, "-m", "scripts.memory_plan", "--world_size=3",
                           "--config=configs/qwen3_1.7b_from_8b.yaml"], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: world_size:")
@@ -179,8 +180,8 @@ def test_plan_bounds_the_measured_peaks_of_a_reduced_qwen3_run(reduced_qwen3, tm
     shapes = {key: memory_plan.Shape(memory_plan.model_config(getattr(cfg, key), cfg, key)[0])
               for key in ("student", "teacher")}
     planned = memory_plan.plan(cfg, 1, **shapes)
-    measured = memory_plan.measure(cfg)
-    print("\n" + memory_plan.format_comparison(planned, measured))
+    measured = plan_command.measure(cfg)
+    print("\n" + plan_command.format_comparison(planned, measured))
     assert list(measured) == list(memory_plan.MOMENTS)
     context, MiB = memory_plan.CUDA_CONTEXT, 1024 ** 2
     plan = {m: planned["totals"][m] - context for m in measured}

@@ -75,7 +75,7 @@ def folder_state(path):
 
 FAST = {"test_math", "test_sampler", "test_fast_decode", "test_config", "test_compare", "test_math_data",
         "test_docstrings", "test_prepare_data", "test_plot_strengths",
-        "test_results", "test_layers"}  # the fast tier: no script runs, no torchrun
+        "test_results", "test_layers", "test_commands"}  # the fast tier: no script runs, no torchrun
 
 
 def pytest_configure(config):

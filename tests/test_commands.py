@@ -5,10 +5,13 @@ commands' --key=value arguments load as a config (their presets and suites exist
 test_fsdp, test_evaluate, test_prepare_data, test_plot_strengths, test_bench, test_memory_plan, test_gpu_check).
 """
 import ast
+import contextlib
 import functools
+import importlib
+import inspect
+import io
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -84,10 +87,17 @@ def script_of(words):
 
 @functools.lru_cache(maxsize=None)
 def script_help(name):
-    result = subprocess.run([sys.executable, "-m", f"scripts.{name}", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    """What `python -m scripts.NAME --help` prints, from the script's main() in this process (no new interpreter)."""
+    module = importlib.import_module(f"scripts.{name}")
+    shown, argv = io.StringIO(), sys.argv
+    sys.argv = [f"scripts/{name}.py", "--help"]  # main() reads sys.argv where it takes no argv
+    try:
+        with contextlib.redirect_stdout(shown), pytest.raises(SystemExit) as stop:
+            module.main(*(["--help"],) if inspect.signature(module.main).parameters else ())
+    finally:
+        sys.argv = argv
+    assert stop.value.code in (0, None), name
+    return shown.getvalue()
 
 
 def words_of(command):

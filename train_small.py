@@ -347,9 +347,10 @@ def make_decoder(run, step):
 def score_alone(model, tokenizer, held_out, cfg):
     """The held-out scores of a model evaluated alone, in one process, before any run: the embedded task's teacher,
     once (under FSDP rank 0 scores it while the others wait)."""
-    decoder = evaluation.HFDecoder(cfg, model, None, SingleDevice(), [tokenizer.eos_token_id],
-                                   tokenizer.pad_token_id, len(tokenizer))
-    return evaluation.evaluate(decoder, tokenizer, held_out, cfg, cfg.data_seed, SingleDevice())
+    alone = SingleDevice()
+    decoder = evaluation.HFDecoder(cfg, model, None, alone, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                                   len(tokenizer))
+    return evaluation.evaluate(decoder, tokenizer, held_out, cfg, cfg.data_seed, alone)
 
 
 def load(cfg, runtime):

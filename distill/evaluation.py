@@ -40,7 +40,7 @@ class HFDecoder:
         self.eos_ids, self.pad_token_id, self.vocab_size = list(eos_ids), pad_token_id, vocab_size
         self.decoding = fast.Decoding(stop_check_every=cfg.stop_check_every, cache=cfg.cache, compile=cfg.compile)
         dtype = models.device_and_dtype(cfg)[1]
-        self.master = self.model = model
+        self.model = model
         self.device = next(model.parameters()).device
         if dtype != torch.float32 and model.dtype != dtype and not hooks.decodes_compute_dtype:
             self.model = models.to_compute_dtype(copy.deepcopy(model), dtype).eval().requires_grad_(False)
@@ -48,7 +48,7 @@ class HFDecoder:
     @torch.no_grad()
     def sync(self, student):
         """The copy's weights from the master's (nothing to do where the model decodes as it is)."""
-        if self.model is not self.master:
+        if self.model is not student:
             for target, source in zip(self.model.parameters(), student.parameters()):
                 target.copy_(source)
 
@@ -77,12 +77,11 @@ class HFDecoder:
     def completions(self, prompts, n, temperature, generator=None):
         """n completions of each token-id prompt (each up to and including its EOS), up to eval_max_new_tokens: the
         problems left-padded eval_batch_size // n at a time, their n samples side by side in one call."""
-        device = next(self.model.parameters()).device
         per_call = max(1, self.cfg.eval_batch_size // n)
         out = []
         for i in tqdm(range(0, len(prompts), per_call), desc=f"eval rollouts (n={n})", leave=False):
             input_ids, mask = (x.repeat_interleave(n, 0) for x in left_padded(prompts[i:i + per_call],
-                                                                               self.pad_token_id, device))
+                                                                               self.pad_token_id, self.device))
             rollout = self._generate(None, input_ids, mask, 0, eps=0.0, temperature=temperature,
                                      max_new_tokens=self.cfg.eval_max_new_tokens, generator=generator)
             rows = [row[keep].tolist() for row, keep in zip(rollout.sequences[:, input_ids.shape[1]:],
@@ -138,13 +137,6 @@ def cat_rollouts(parts, pad_token_id=None):
     return trb.Rollout(**{f.name: torch.cat([padded(part, f.name) for part in parts]) for f in fields(trb.Rollout)})
 
 
-def encoded(questions, tokenizer, cfg):
-    """Each question as the token ids of its formatted prompt (math_data.format_prompt), as encode_prompts makes them
-    (without the padding)."""
-    prompts = [math_data.format_prompt(q, tokenizer, cfg) for q in questions]
-    return tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-
-
 @torch.no_grad()
 def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks):
     """
@@ -159,7 +151,8 @@ def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks):
     mine = list(range(len(held_out)))[hooks.share(len(held_out))]
     rows = [(i, True) for i in mine] + [(0, False)] * (per_rank - len(mine))  # (problem, counted)
     all_questions, answers = list(held_out["question"]), list(held_out["answer"])
-    prompts = encoded([all_questions[i] for i, _ in rows], tokenizer, cfg)
+    prompts = math_data.prompt_ids([math_data.format_prompt(all_questions[i], tokenizer, cfg) for i, _ in rows],
+                                   tokenizer)
     exact = cfg.dataset == "synthetic"
     correct = {}
     with memory_plan.moment("evaluation peak"):
@@ -184,7 +177,7 @@ def sample_completions(decoder, tokenizer, held_out, cfg):
         return []
     prompts = [math_data.format_prompt(row["question"], tokenizer, cfg) for row in problems]
     with memory_plan.moment("evaluation peak"):
-        samples = decoder.completions(encoded([row["question"] for row in problems], tokenizer, cfg), 1, 0.0)
+        samples = decoder.completions(math_data.prompt_ids(prompts, tokenizer), 1, 0.0)
     texts = [tokenizer.decode(per_problem[0], skip_special_tokens=True) for per_problem in samples]
     return [{"problem": i, "question": row["question"], "prompt": prompt,
              "answer": math_data.reference_answer(row["answer"]), "completion": text,

@@ -110,8 +110,12 @@ def drop_long_prompts(rows, tokenizer, cfg, key, what, verbose):
 def prompt_lengths(questions, tokenizer, cfg):
     """Each question's prompt length in tokens, formatted (format_prompt) and tokenized as encode_prompts does: what
     max_prompt_tokens bounds, here and in prepare_data.py."""
-    prompts = [format_prompt(q, tokenizer, cfg) for q in questions]
-    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    return [len(ids) for ids in prompt_ids([format_prompt(q, tokenizer, cfg) for q in questions], tokenizer)]
+
+
+def prompt_ids(prompts, tokenizer):
+    """Each formatted prompt's token ids, unpadded, as encode_prompts tokenizes them."""
+    return tokenizer(prompts, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
 def format_prompt(question, tokenizer, cfg):

@@ -28,7 +28,7 @@ CUDA_CONTEXT = 2 * GiB  # CUDA context, cuBLAS workspaces and NCCL buffers: a fi
 # blend_logprobs' log pi_S, r, the blend and its fallback (measured: 10.7 at the peak, see README)
 TOKEN_RULE_BUFFERS = 12
 STUDENT_RULE_BUFFERS = 7  # the same with the student alone (evaluation): its logits, the noise, log pi_S (measured: 6)
-SOLVER_BUFFERS = 5  # float32 (rows, V) buffers trb.solve_beta writes in place while it solves a token
+SOLVER_BUFFERS = 5  # float32 (rows, V) buffers of trb.solve_beta, kept between tokens (fast.SolverBuffers)
 # float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
 # gradient (measured: 4 in each, with two EOS ids)
 LOSS_CHUNK_BUFFERS = 4

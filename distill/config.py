@@ -1,14 +1,17 @@
 """
-The configuration that train_small.py and train_fsdp.py share. config.yaml holds every value; the Config dataclass
+The configuration that train_small.py and train_fsdp.py share. config.yaml holds every key's default; a --config file
+is read on top of it and holds only the keys it changes (the presets in configs/ are such files). The Config dataclass
 below holds every key once, with its type, its range check and the one-line meaning that config.yaml repeats as the
 key's comment (tests/test_config.py checks that the two agree, key by key and in order).
 
     python train_small.py --help                  # every key with its type and meaning
-    python train_small.py --config=my.yaml --lr=1e-5
+    python train_small.py --config=my.yaml --lr=1e-5   # config.yaml, then my.yaml's keys, then --lr
 
-A bad file, key or value stops the run with one line that names it (`die`), never a traceback.
+A bad file, key or value stops the run with one line that names it (`die`), never a traceback: a key given twice in
+one file, and an unknown key (with the nearest known one suggested), included.
 """
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -23,7 +26,7 @@ import yaml
 import trb
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "config.yaml"
-PRESETS_DIR = DEFAULT_PATH.with_name("configs")  # whole configs for real models: the paper's pairs, one GPU
+PRESETS_DIR = DEFAULT_PATH.with_name("configs")  # real models: the paper's pairs, one GPU
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # report_to -> its package
@@ -62,12 +65,20 @@ SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separ
 FRACTION = (lambda v: 0 < v <= 1), "in (0, 1]"
 PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
 NON_EMPTY = (lambda v: v != ""), "a non-empty path"
-EXISTING_IF_PATH = ((lambda v: v == "synthetic" or not _looks_local(v) or os.path.exists(os.path.expanduser(v))),
-                    "an existing path (or a hub name, or synthetic)")
 
 
-def _looks_local(name):
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+def looks_local(name):
+    """Whether a model or dataset argument names a local path rather than a hub name: it starts with ".", "/" or "~",
+    or its first component is an existing folder (runs/small/student when runs/ exists)."""
+    return name.startswith((".", "/", "~")) or os.path.isdir(name.split("/")[0] or "/")
+
+
+def missing_local(name):
+    """The one-line reason a model or dataset argument cannot be used, when it names a local path that does not exist
+    (a misspelled folder would otherwise reach the hub and fail there with a message about repo ids); else None."""
+    if name and looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        return f"no such folder or file: {name!r}"
+    return None
 
 
 def key(meaning, check=None):
@@ -129,8 +140,7 @@ class Config:
     eval_batch_size: int = key("rows per evaluation decode call (bounds its KV cache; per rank under FSDP)",
                                at_least(1))
     eval_max_new_tokens: int = key("completion length limit of evaluation (paper: 8192)", at_least(1))
-    eval_dataset: str = key("held-out dataset (hub name, folder or file); empty = the training dataset's eval_split",
-                            EXISTING_IF_PATH)
+    eval_dataset: str = key("held-out dataset (hub name, folder or file); empty = the training dataset's eval_split")
     eval_dataset_config: str = key("configuration name of eval_dataset")
     eval_question_field: str = key("eval_dataset's problem field (empty = question_field)")
     eval_answer_field: str = key("eval_dataset's answer field (empty = answer_field)")
@@ -155,9 +165,9 @@ class Config:
     compare_workers: int = key("compare runs in parallel, one process each (each uses num_threads threads)",
                                at_least(1))
     # Models and data ("synthetic" = the embedded offline task; otherwise hub names or local folders)
-    student: str = key("student model", EXISTING_IF_PATH)
-    teacher: str = key("teacher model (must share the student's tokenizer)", EXISTING_IF_PATH)
-    dataset: str = key("dataset: hub name, save_to_disk folder or a .json/.jsonl file", EXISTING_IF_PATH)
+    student: str = key("student model")
+    teacher: str = key("teacher model (must share the student's tokenizer)")
+    dataset: str = key("dataset: hub name, save_to_disk folder or a .json/.jsonl file")
     dataset_config: str = key("dataset configuration name (e.g. \"main\" for openai/gsm8k)")
     train_split: str = key("split with the training prompts")
     eval_split: str = key("held-out split")
@@ -202,28 +212,56 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line):
+        super().__init__(f"line {line}: {key!r} is given twice")
+        self.key, self.line = key, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (safe_load keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=deep)
+            if name in seen:
+                raise DuplicateKey(name, key_node.start_mark.line + 1)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
-    """The top-level mapping of a YAML file; a missing, unreadable, malformed, empty or non-mapping file stops the run
-    with one line naming the file (and, for a syntax error, the line and column)."""
+    """The top-level mapping of a YAML file (yaml.safe_load's types); a missing, unreadable, malformed, empty or
+    non-mapping file, or a key given twice, stops the run with one line naming the file (and the line)."""
     if not os.path.isfile(path):
         die(f"config: {str(path)!r} is not a file" if os.path.exists(path) else f"config: {str(path)!r} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+            values = yaml.load(f, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as error:
         die(f"config: cannot read {path}: {error.strerror}")
     except UnicodeDecodeError:
         die(f"config: {path} is not UTF-8 text")
+    except DuplicateKey as error:
+        die(f"config: {path}: line {error.line}: key {error.key!r} is given twice (one value per key)")
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         die(f"config: {path}:{where} invalid YAML: {problem}")
     if values is None:
-        die(f"config: {path} is empty (expected one `key: value` line per config key)")
+        die(f"config: {path} is empty (expected `key: value` lines)")
     if not isinstance(values, dict):
         die(f"config: {path} must be a mapping of `key: value` lines, not a YAML {type(values).__name__}")
     return values
+
+
+def unknown_key(name, known, where):
+    """The one-line error of an unknown key, with the nearest known key suggested (a typo is the usual cause)."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "--help lists every key"
+    return f"{where}{name}: unknown config key ({hint})"
 
 
 def parse_value(name, raw, kind):
@@ -293,7 +331,11 @@ def parse_flags(argv, flags, usage_line):
 
 
 def load_config(argv):
-    """config.yaml (or --config=PATH), then --key=value overrides; every value type- and range-checked."""
+    """
+    config.yaml's defaults, then --config=PATH's keys on top of them (a file holds only what it changes), then the
+    --key=value overrides; every value type- and range-checked. Real models with the embedded task's lr and length
+    limit stop with a pointer to the presets.
+    """
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage())
         sys.exit(0)
@@ -302,19 +344,26 @@ def load_config(argv):
         if not arg.startswith("--") or "=" not in arg:
             die(f"arguments must look like --key=value, got {arg!r}")
         name, raw = arg[2:].split("=", 1)
+        if name != "config" and name not in FIELDS:
+            die(unknown_key(name, FIELDS, "--"))
         args[name] = raw
-    path = args.pop("config", str(DEFAULT_PATH))
-    values = read_yaml(path)
-    for name in list(values) + list(args):
+    values = read_yaml(DEFAULT_PATH)
+    path = args.pop("config", None)
+    chosen = read_yaml(path) if path else {}
+    for name in chosen:
         if name not in FIELDS:
-            die(f"{name}: unknown config key")
+            die(unknown_key(name, FIELDS, f"config: {path}: "))
+    values.update(chosen)
     for name, f in FIELDS.items():
         if name in args:
             values[name] = parse_value(name, args[name], f.type)
         elif name not in values:
-            die(f"{name}: missing from {path}")
+            die(f"{name}: missing from {DEFAULT_PATH}")
         values[name] = checked(name, values[name])
     cfg = Config(**values)
+    for name in ("student", "teacher", "dataset", "eval_dataset"):
+        if missing_local(getattr(cfg, name)):
+            die(f"{name}: {missing_local(getattr(cfg, name))}")
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")
@@ -325,8 +374,9 @@ def load_config(argv):
         die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")
     if cfg.compile and cfg.cache != "static":
         die(f"compile: true needs cache: static, got cache: {cfg.cache}")
-    if not synthetic and Path(path).resolve() == DEFAULT_PATH.resolve():
-        die(f"student: {cfg.student!r} is a real model, but {DEFAULT_PATH.name} holds the embedded task's settings (lr "
-            f"{cfg.lr:g}, max_new_tokens {cfg.max_new_tokens}); start from a preset, e.g. "
-            f"--config=configs/gsm8k_1gpu.yaml (presets in {PRESETS_DIR.name}/)")
+    embedded = [name for name in ("lr", "max_new_tokens") if name not in chosen and name not in args]
+    if not synthetic and embedded:
+        die(f"student: {cfg.student!r} is a real model, but {', '.join(embedded)} are {DEFAULT_PATH.name}'s values for "
+            f"the embedded task; start from a preset, e.g. --config=configs/gsm8k_1gpu.yaml (presets in "
+            f"{PRESETS_DIR.name}/)")
     return cfg

@@ -1,4 +1,5 @@
 """config.py: config.yaml agrees with the Config dataclass, and every bad file, key or value stops with one line."""
+import json
 import re
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def error_line(capsys, argv):
     (["--dataset=/no/such/data.jsonl"], "dataset"),
     (["--student=./tests"], "student"),  # a path that exists, but 'synthetic' teacher and dataset cannot pair with it
     (["--config=/no/such/config.yaml"], "config"),
+    (["--student=tests/no_such_student"], "student: no such folder or file"),  # its first folder exists: a path
     (["lr=0.1"], "--key=value"),
 ])
 def test_bad_override_is_one_line_naming_the_key(capsys, args, key):
@@ -71,13 +73,50 @@ def test_bad_override_is_one_line_naming_the_key(capsys, args, key):
 
 
 def test_bad_values_in_the_file_name_the_key(capsys, tmp_path):
-    """config.yaml with a wrong type, an unknown key or a missing key is rejected with the key's name."""
-    text = (ROOT / "config.yaml").read_text()
-    for old, new, key in (("eps0: 0.02", "eps0: high", "eps0"), ("seed: 0", "seed: 0\nextra_key: 1", "extra_key"),
-                          ("seed: 0 ", "# seed: 0 ", "seed")):
-        assert old in text
-        (tmp_path / "bad.yaml").write_text(text.replace(old, new, 1))
-        assert key in error_line(capsys, [f"--config={tmp_path / 'bad.yaml'}"])
+    """A config file with a wrong type, an unknown key (the nearest known one suggested) or a key given twice is
+    rejected with one line naming the key (and, for the repeated key, its second line)."""
+    for content, expected in (("eps0: high\n", "eps0: expected float"),
+                              ("seed: 0\nextra_key: 1\n", "extra_key: unknown config key (--help lists every key)"),
+                              ("max_step: 4\n", "max_step: unknown config key (did you mean max_steps?)"),
+                              ("lr: 0.001\nseed: 1\nlr: 0.002\n", "line 3: key 'lr' is given twice")):
+        (tmp_path / "bad.yaml").write_text(content)
+        line = error_line(capsys, [f"--config={tmp_path / 'bad.yaml'}"])
+        assert expected in line, line
+    assert "--lr_warmup: unknown config key (did you mean lr_warmup_steps?)" in error_line(capsys, ["--lr_warmup=3"])
+
+
+def test_a_config_file_holds_only_what_it_changes(tmp_path):
+    """A one-key file runs: every other key keeps config.yaml's default, and --key=value still overrides the file."""
+    (tmp_path / "short.yaml").write_text("max_steps: 4  # a quick look\n")
+    defaults = config.load_config([])
+    cfg = config.load_config([f"--config={tmp_path / 'short.yaml'}"])
+    assert cfg == config.Config(**{**vars(defaults), "max_steps": 4})
+    assert config.load_config([f"--config={tmp_path / 'short.yaml'}", "--max_steps=7"]).max_steps == 7
+
+
+@pytest.mark.parametrize("preset", ["gsm8k_1gpu", "qwen3_0.6b_from_4b", "qwen3_1.7b_from_8b"])
+def test_each_preset_equals_its_full_copy(preset):
+    """A preset holds only its differences to config.yaml; read on top of it, every key has the value the preset's
+    full copy held (tests/preset_values.json: the presets' every key, written out)."""
+    full = json.loads((ROOT / "tests" / "preset_values.json").read_text())[preset]
+    cfg = config.load_config([f"--config={ROOT / 'configs' / f'{preset}.yaml'}"])
+    assert set(full) == set(config.FIELDS)
+    for name, value in full.items():
+        assert config.checked(name, value) == getattr(cfg, name), name
+    assert len((ROOT / "configs" / f"{preset}.yaml").read_text().splitlines()) < 45  # differences only
+
+
+def test_a_real_model_needs_its_own_lr_and_length(capsys, tmp_path):
+    """Real models with config.yaml's embedded-task lr and max_new_tokens stop with a pointer to the presets; a file
+    that sets both loads."""
+    for name in ("s", "t"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "d.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    models = [f"--student={tmp_path / 's'}", f"--teacher={tmp_path / 't'}", f"--dataset={tmp_path / 'd.jsonl'}"]
+    line = error_line(capsys, models)
+    assert "lr, max_new_tokens are config.yaml's values for the embedded task" in line and "configs/" in line
+    (tmp_path / "mine.yaml").write_text("lr: 1.0e-5\nmax_new_tokens: 1024\n")
+    assert config.load_config([*models, f"--config={tmp_path / 'mine.yaml'}"]).lr == 1e-5
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -105,8 +144,7 @@ def test_unreadable_file_is_one_line(capsys, tmp_path):
 
 def test_yaml_floats_without_a_dot_and_infinite_budget_load(tmp_path):
     """`lr: 1e-5` (a string to YAML 1.1) loads as the float 1e-5; eps0 may be inf (the pure teacher), other floats not."""
-    text = (ROOT / "config.yaml").read_text().replace("lr: 0.0005", "lr: 1e-5", 1).replace("eps0: 0.02", "eps0: .inf", 1)
-    (tmp_path / "ok.yaml").write_text(text)
+    (tmp_path / "ok.yaml").write_text("lr: 1e-5\neps0: .inf\n")
     cfg = config.load_config([f"--config={tmp_path / 'ok.yaml'}"])
     assert cfg.lr == 1e-5 and cfg.eps0 == float("inf")
 

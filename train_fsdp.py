@@ -122,6 +122,7 @@ class FSDP(small.SingleDevice):
     def __init__(self, cfg):
         self.dtype = models.device_and_dtype(cfg)[1]
         self.decoder = None  # the run's decoder, closed with the process group (close_decoder)
+        self.signalled = False  # whether any rank has received a stop signal, as of the last sum (interrupted)
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_minutes)
         self.mesh = device_mesh(self.device, self.world, cfg.hsdp_shard_size)
         self.teacher_sharding = cfg.teacher_sharding
@@ -182,10 +183,24 @@ class FSDP(small.SingleDevice):
         return bool(flag.item())
 
     def sum(self, values):
-        """Sum over ranks, in float64 so that token counts stay exact."""
-        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        """Sum over ranks, in float64 so that token counts stay exact. Each sum also carries whether this rank has
+        received a stop signal (SIGTERM, SIGINT), so that the ranks agree on it without a collective of its own."""
+        signalled = float(self.interruption is not None and self.interruption.signal is not None)
+        total = torch.tensor([*values, signalled], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return total.tolist()
+        *total, signalled = total.tolist()
+        self.signalled |= signalled > 0
+        return total
+
+    def interrupted(self):
+        """The signal to stop after this step, or None: every rank reads the same flag, the one that the last sum all
+        of them made carried, and all save the same step and stop; the signal's number (for the exit code) is the
+        largest any rank received (one more all-reduce, made only once the ranks agreed to stop)."""
+        if not self.signalled:
+            return None
+        signum = torch.tensor([self.interruption.signal or 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum.item())
 
     def everywhere(self, flag):
         """Whether flag holds on every rank: a MIN all-reduce, so that all ranks stop or move on together."""
@@ -280,8 +295,8 @@ class FSDP(small.SingleDevice):
             plain = AutoModelForCausalLM.from_config(student.config)  # the unwrapped class, on CPU
             plain.load_state_dict(full)
             plain.generation_config = student.generation_config
-            models.with_stop_ids(plain, eos_ids, tokenizer.pad_token_id).to(self.dtype).save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            plain = models.with_stop_ids(plain, eos_ids, tokenizer.pad_token_id).to(self.dtype)
+            checkpoints.save_atomically(path, lambda tmp: (plain.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         dist.barrier()
 
 
@@ -292,8 +307,26 @@ def main():
     if cfg.compare:
         die("compare: run one method per torchrun launch (train_fsdp.py trains a single run)")
     runtime = FSDP(cfg)
-    small.train(cfg, runtime)
+    try:
+        small.train(cfg, runtime)
+    except checkpoints.Interrupted as stop:
+        close(runtime)
+        launch = launch_command(runtime.world)
+        if runtime.is_main:
+            small.stopped(stop, launch, sys.argv[1:])
+        sys.exit(128 + stop.signum)
     close(runtime)
+    if runtime.is_main:
+        small.print_summary(cfg, sys.argv[1:], fsdp=True)
+
+
+def launch_command(world):
+    """The torchrun command that relaunches this run: one node's, or a placeholder for the rendezvous options of a
+    multi-node launch (this process cannot see them)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local == world:
+        return f"torchrun --standalone --nproc_per_node={world} train_fsdp.py"
+    return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous options> train_fsdp.py"
 
 
 def close(runtime):

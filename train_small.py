@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -62,6 +63,7 @@ def train_questions(train, step, cfg):
 class SingleDevice:
     """train_small.py's hooks: one process, all rows, nothing to gather or reduce."""
     rank, world = 0, 1
+    interruption = None  # the run's checkpoints.Interruption (train)
     decodes_compute_dtype = False  # float32 master weights: a bf16 run decodes a bf16 copy (evaluation.HFDecoder)
 
     @property
@@ -91,6 +93,11 @@ class SingleDevice:
     def sum(self, values):
         """A list of numbers summed over processes (FSDP: all-reduce)."""
         return list(values)
+
+    def interrupted(self):
+        """The signal that stops the run after this step, or None (checkpoints.Interruption; FSDP: one that any rank
+        received, agreed through the step's sums, so that every rank saves the same step and stops)."""
+        return self.interruption.signal
 
     def everywhere(self, flag):
         """Whether `flag` holds in every process (FSDP: a MIN all-reduce), for decisions that stop the run or pick
@@ -126,8 +133,8 @@ class SingleDevice:
     def export(self, student, tokenizer, path, eos_ids):
         """The final student as a plain Hugging Face folder (safetensors) that from_pretrained loads, which stops
         `generate` (or vLLM) at every stop id it was trained with."""
-        models.with_stop_ids(student, eos_ids, tokenizer.pad_token_id).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        plain = models.with_stop_ids(student, eos_ids, tokenizer.pad_token_id)
+        checkpoints.save_atomically(path, lambda tmp: (plain.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -291,8 +298,15 @@ def train_step(run, questions, step):
 
 def train(cfg, runtime=None):
     """One distillation run; the main process writes metrics.jsonl, samples.jsonl, summary.json, checkpoints and the
-    final student to out_dir (checkpoints.py: what a relaunch or a resume finds there)."""
-    runtime, started = runtime or SingleDevice(), time.time()
+    final student to out_dir (checkpoints.py: what a relaunch or a resume finds there). SIGTERM or SIGINT stops it
+    after the step in progress with a checkpoint, raising checkpoints.Interrupted (checkpoints.Interruption)."""
+    runtime = runtime or SingleDevice()
+    with checkpoints.Interruption(say=runtime.is_main) as runtime.interruption:
+        return run_training(cfg, runtime)
+
+
+def run_training(cfg, runtime):
+    started = time.time()
     if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")
     if cfg.engine == "vllm":
@@ -303,6 +317,8 @@ def train(cfg, runtime=None):
     generator = torch.Generator(next(student.parameters()).device).manual_seed(cfg.seed + runtime.rank)  # rollouts'
     run = Run(cfg, runtime, tokenizer, student, teacher, make_optimizer(student, cfg), generator, eos_ids)
     checkpoint, start = checkpoints.resume_from(found, student, run.optimizer, generator, cfg, runtime)
+    if runtime.interrupted():  # during loading: nothing new to save
+        raise checkpoints.Interrupted(runtime.interrupted(), start, checkpoint)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
     run.decoder = make_decoder(run, start)
     if start == 0:
@@ -323,9 +339,15 @@ def train(cfg, runtime=None):
         if run.decoder.has_teacher and row["step"] < cfg.max_steps and not vllm_engine.teacher_needed(cfg, row["step"]):
             run.decoder.drop_teacher()  # the budget is 0 from here on: the teacher is not run again
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
-        if cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
+        stopping = runtime.interrupted() if row["step"] < cfg.max_steps else None  # the last step finishes the run
+        if stopping or (cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0):
             runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, run.optimizer, generator,
                                     cfg.keep_checkpoints)
+        if stopping:
+            bar.close()
+            log.close()
+            runtime.close_decoder(run.decoder)
+            raise checkpoints.Interrupted(stopping, row["step"], checkpoints.checkpoint_path(cfg.out_dir, row["step"]))
     log.close()
     runtime.close_decoder(run.decoder)
     runtime.export(student, tokenizer, Path(cfg.out_dir) / "student", eos_ids)
@@ -378,21 +400,19 @@ def evaluate_at(run, step, held_out, log):
 OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",
            "samples.jsonl": "greedy completions of the shown held-out problems at every evaluation, the teacher's once",
            "summary.json": "the numbers below and the config",
+           "run_config.yaml": "every config key as the run resolved it (--config=this file repeats the run)",
            "checkpoints": "the newest checkpoints (--resume=true continues from the last one that loads)",
            "student": "the distilled student (from_pretrained loads it)"}
 
 
-def print_summary(cfg, argv):
+def print_summary(cfg, argv, fsdp=False):
     """The main job's last lines: where the outputs are, teacher and student pass@1, the wall time and the next command
-    worth trying, the comparison with vanilla OPD on the same overrides (run.sh sets TRB_LAUNCH to itself)."""
+    worth trying: the comparison with vanilla OPD on the same overrides (run.sh sets TRB_LAUNCH to itself), or under
+    FSDP the evaluation of the run's checkpoints."""
     out = Path(cfg.out_dir)
     summary = json.loads((out / "summary.json").read_text())
     minutes, seconds = divmod(round(summary["wall_s"]), 60)
     teacher = f"{summary['teacher']['pass@1']:.3f}" if summary["teacher"] else "not measured (real models)"
-    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--overwrite=", "--method=",
-                                                        "--seed="))]
-    launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
-    runs = 2 * len(cfg.seeds.split(","))
     print(f"\ndone in {minutes}:{seconds:02d} (wall time). Outputs in {out}/:")
     for name, what in OUTPUTS.items():
         path = out / name
@@ -400,8 +420,29 @@ def print_summary(cfg, argv):
             print(f"  {name + ('/' if path.is_dir() else ''):15s} {what}")
     print(f"held-out pass@1: teacher {teacher}; student {summary['initial_pass@1']:.3f} at step 0 -> "
           f"{summary['final_pass@1']:.3f} at step {summary['steps']} ({cfg.method})")
+    if fsdp:
+        print(f"next, every checkpoint on a benchmark suite, the best one named:\n"
+              f"  python -m scripts.evaluate --run={out} --suite=configs/eval/quick.yaml")
+        return
+    same = [arg for arg in argv if not arg.startswith(("--out_dir=", "--resume=", "--overwrite=", "--method=",
+                                                        "--seed="))]
+    launch = os.environ.get("TRB_LAUNCH", "python train_small.py")
+    runs = 2 * len(cfg.seeds.split(","))
     print(f"next, TRB against vanilla OPD over seeds {cfg.seeds} ({runs} runs like this one):\n"
           f"  {launch} {shlex.join(['--compare=opd,trb', '--out_dir=runs/compare', *same])}")
+
+
+def stopped(stop, launch, argv):
+    """The last line of a run that a signal stopped (checkpoints.Interrupted): the step, its checkpoint and the exact
+    command that continues it; then the exit, with code 128 + the signal's number."""
+    again = shlex.join([arg for arg in argv if not arg.startswith(("--resume=", "--overwrite="))] + ["--resume=true"])
+    if stop.step is None:  # a comparison: each run stopped on its own
+        saved = "each interrupted run saved a checkpoint in its folder"
+    else:
+        saved = f"at step {stop.step}, " + (f"checkpoint {stop.checkpoint}" if stop.checkpoint else "nothing to save")
+    print(f"stopped by {signal.Signals(stop.signum).name} ({saved}); continue with: {launch} {again}",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + stop.signum)
 
 
 def main():
@@ -410,11 +451,14 @@ def main():
     logging.disable_progress_bar()  # keep stderr to our own bars: teacher SFT, rollouts, distillation
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if cfg.compare:
-        compare.compare(cfg, train, score_alone)
-    else:
-        train(cfg)
-        print_summary(cfg, sys.argv[1:])
+    try:
+        if cfg.compare:
+            compare.compare(cfg, train, score_alone)
+        else:
+            train(cfg)
+            print_summary(cfg, sys.argv[1:])
+    except checkpoints.Interrupted as stop:
+        stopped(stop, os.environ.get("TRB_LAUNCH", "python train_small.py"), sys.argv[1:])
 
 
 if __name__ == "__main__":

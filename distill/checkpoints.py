@@ -13,12 +13,16 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from distill import tracking
@@ -44,15 +48,58 @@ def complete_checkpoints(out_dir):
     return sorted(path for path in (Path(out_dir) / "checkpoints").glob("step_*") if path.is_dir())
 
 
+# What a run leaves in its out_dir (compare.py: a comparison's files and its per-run folders), and what marks it as
+# finished. A run's progress.log (compare.py) is not among them: it is the log of whichever run writes next.
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "summary.json", "run_config.yaml", "student", "eval",
+               "tensorboard", "wandb", "wandb_run_id", "comparison.json", "comparison.md", "comparison.png")
+FINISHED = ("summary.json", "student", "eval", "comparison.json")
+DISCARDED = ".overwritten"  # an overwrite moves the earlier run in here, then deletes it
+PER_RUN_FOLDER = re.compile(r"\w+_seed\d+")  # compare.run_dir
+
+
+def earlier_run(out_dir):
+    """The names of what an earlier run left in out_dir ([] if nothing): its logs, summary, checkpoints, exported
+    student and evaluations, a comparison's per-run folders, half-written files and an interrupted overwrite."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_ENTRIES if (out / name).exists()]
+    found += sorted(path.name for path in out.iterdir() if path.name == DISCARDED or path.name.startswith(".tmp-")
+                    or (PER_RUN_FOLDER.fullmatch(path.name) and path.is_dir() and earlier_run(path)))
+    return found
+
+
 def fresh_run_refused(out_dir, resume, overwrite):
-    """The one-line reason a run must not start in out_dir, or None: a fresh run (resume false) there would delete
-    the checkpoints an earlier run left, and only overwrite true allows that (relaunching a command must not destroy
-    the run it started)."""
-    found = complete_checkpoints(out_dir)
-    if resume or overwrite or not found:
+    """
+    The one-line reason a run must not start in out_dir, or None. A folder is claimed by one run: a fresh run into a
+    folder that holds anything of an earlier one stops, unless overwrite (which deletes all of it) or resume (which
+    continues it from its newest checkpoint) says otherwise. Relaunching a command must never destroy the run it
+    started, and a new student must never sit beside the old one's evaluations. A resume with no checkpoint starts
+    fresh only over an unfinished run's logs (a run killed before its first save: its steps are recomputed).
+    """
+    found, saved = earlier_run(out_dir), complete_checkpoints(out_dir)
+    if not found or overwrite or (resume and (saved or not set(found) & set(FINISHED))):
         return None
-    return (f"out_dir: {out_dir} holds an earlier run's checkpoints (newest {found[-1].name}); continue it with "
-            f"--resume=true, or delete them and its logs with --overwrite=true")
+    way = "continue it with --resume=true, or" if saved else "it has no checkpoint to continue from;"
+    return (f"out_dir: {out_dir} holds an earlier run ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); "
+            f"{way} delete it as a whole with --overwrite=true, or choose another out_dir")
+
+
+def discard_earlier_run(out_dir):
+    """Deletes everything of an earlier run in out_dir (earlier_run), as a whole: each entry is first renamed into
+    out_dir/.overwritten, which is then deleted. An overwrite killed half-way leaves that folder, which still counts
+    as the earlier run's (a fresh run refuses it) and the next overwrite deletes."""
+    out = Path(out_dir)
+    found = earlier_run(out)
+    if not found:
+        return
+    bin_ = out / DISCARDED
+    bin_.mkdir(exist_ok=True)
+    for name in found:
+        if name != DISCARDED:
+            shutil.rmtree(bin_ / name, ignore_errors=True)
+            os.replace(out / name, bin_ / name)
+    shutil.rmtree(bin_)
 
 
 def remove_older_checkpoints(out_dir, step, keep):
@@ -124,9 +171,9 @@ def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False
 def checkpoints_to_resume(cfg, runtime):
     """
     The complete checkpoints of out_dir to resume from, oldest first ([] for a fresh run), called before any model
-    loads. A fresh run into an out_dir that holds an earlier run's checkpoints stops with one line, unless overwrite
-    says so: relaunching a command must never delete the run it started. Every rank reads out_dir (one shared folder)
-    and they agree before any stops or tries a checkpoint.
+    loads. A fresh run into an out_dir that holds anything of an earlier run stops with one line (fresh_run_refused),
+    unless overwrite says so. Every rank reads out_dir (one shared folder) and they agree before any stops, tries a
+    checkpoint or writes.
     """
     out = Path(cfg.out_dir)
     refused = fresh_run_refused(out, cfg.resume, cfg.overwrite)
@@ -136,8 +183,64 @@ def checkpoints_to_resume(cfg, runtime):
         runtime.stop(refused or f"out_dir: the ranks see different checkpoints in {out} (it must be one folder "
                                 f"that all of them share)")
     if cfg.resume and not found and runtime.is_main:
-        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh")
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh"
+              + (" (the logs an interrupted run left there are replaced)" if earlier_run(out) else ""))
     return found
+
+
+class Interrupted(Exception):
+    """Raised by train() when a signal stopped the run after a step: the signal, the step and the checkpoint saved
+    there (None if the run stopped before its first step)."""
+
+    def __init__(self, signum, step, checkpoint):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class Interruption:
+    """
+    SIGTERM (a preemption, a job's time limit; torchrun forwards it, and Ctrl-C's SIGINT, to every rank) and SIGINT
+    during a run. The first one is recorded (`signal`) and the run goes on to the end of what it is doing; train()
+    then saves a checkpoint after the step and stops (train_small.main prints how to resume). A second one exits at
+    once, with 128 + its number. SIGUSR1 is compare.py's main process passing its own signal on to its workers (it
+    records, but never counts as the second one). A second signal within a second of the first is the same request
+    delivered twice (Slurm signals every process of a job, and torchrun passes its own signal on to its ranks), not
+    a second one. Handlers are installed only in a process's main thread.
+    """
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SAME_REQUEST_S = 1.0
+
+    def __init__(self, say=True, forward=None):
+        self.signal, self.say, self.forward, self.previous, self.direct = None, say, forward, {}, 0.0
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        """Records the first signal; exits at once on a second SIGTERM or SIGINT. forward(signum, first), if given,
+        passes each on (compare.py's main process to its workers)."""
+        name = signal.Signals(signum).name
+        repeated = self.direct and time.monotonic() - self.direct < self.SAME_REQUEST_S
+        first = signum == signal.SIGUSR1 or not self.direct or repeated
+        if self.forward is not None and not repeated:
+            self.forward(signum, first)
+        if not first:
+            if self.say:
+                print(f"\n{name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if signum != signal.SIGUSR1 and not self.direct:
+            self.direct = time.monotonic()
+        if self.signal is None:
+            self.signal = signal.SIGTERM if signum == signal.SIGUSR1 else signum
+            if self.say:
+                print(f"\n{name}: the run stops after the step in progress, with a checkpoint (send it again to "
+                      f"exit at once)", file=sys.stderr, flush=True)
 
 
 def first_line(error):
@@ -178,7 +281,7 @@ class RunLog:
     metrics.jsonl (one row per step, and per evaluation) and samples.jsonl (the shown problems' completions) of a run,
     appended and flushed row by row, and the rows so far (history). Opened at the step the run starts from: a resumed
     run's logs are cut back to its checkpoint (rows logged after it, and a half-written line, are dropped: they are
-    recomputed); a fresh run's are emptied, and its out_dir's old checkpoints removed. Only the main process writes,
+    recomputed); a fresh run's out_dir is emptied of the earlier run (discard_earlier_run). Only the main process writes,
     and sends each row and the samples to the run's tracker (cfg.report_to, tracking.py), if any.
     """
 
@@ -188,12 +291,13 @@ class RunLog:
         self.metrics = self.tracker = None
         if write:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not resumed:  # a fresh run (no checkpoints here, or overwrite): never resumed into an earlier one
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            if not resumed:  # a fresh run: whatever an earlier run left here (allowed by overwrite) goes as a whole
+                discard_earlier_run(self.out)
             rewrite_log(self.out / "metrics.jsonl", self.history)
             rewrite_log(self.out / "samples.jsonl", read_log(self.out / "samples.jsonl", start) if resumed else [])
             self.metrics = open(self.out / "metrics.jsonl", "a")
-            if cfg is not None:
+            if cfg is not None:  # the resolved config, every key: the run can be repeated from its folder alone
+                write_atomically(self.out / "run_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
                 self.tracker = tracking.open_tracker(cfg.report_to, out_dir, start, resumed, cfg)
 
     def record(self, row):

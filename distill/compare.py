@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -81,20 +82,42 @@ def finished(run_cfg):
     return None
 
 
+_worker = {"interruption": None, "stopped": False}  # a compare worker's process-wide signal state (_start_worker)
+
+
+def _start_worker():
+    """A compare worker's signal handlers, kept between its runs: a signal between two runs is not lost, and once a
+    signal has stopped a run, the worker starts no other (checkpoints.Interruption)."""
+    _worker["interruption"] = checkpoints.Interruption(say=False).__enter__()
+
+
 def _run(train, run_cfg):
-    """One method-seed run, train(run_cfg), in a worker process: its metrics history; its bars and prints go to the
-    run's own progress.log (several runs at once would interleave on screen)."""
+    """One method-seed run, train(run_cfg), in a worker process: its metrics history, "interrupted" if a signal stopped
+    it (or came before it started), None if it stopped on an error; its bars and prints go to the run's own
+    progress.log (several runs at once would interleave on screen)."""
     history = finished(run_cfg)
     if history is not None:
         return history
+    if _worker["stopped"] or getattr(_worker["interruption"], "signal", None):
+        return "interrupted"
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_cfg.out_dir) / "progress.log", "w") as log, redirect_stderr(log), redirect_stdout(log):
+    with open(Path(run_cfg.out_dir) / "progress.log", "a") as log, redirect_stderr(log), redirect_stdout(log):
         try:
             return train(run_cfg)
+        except checkpoints.Interrupted:
+            _worker["stopped"] = True
+            return "interrupted"
         except SystemExit:  # a run that stops (config.die) said why in its log; a worker exiting would hang the pool
             return None
+
+
+def _pass_on(signum, first):
+    """The main process's signal, passed on to the workers: SIGUSR1 asks each to stop after its step (a Ctrl-C reaches
+    them too; SIGUSR1 never counts as a second signal); a second signal kills them, as the main process exits."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGUSR1 if first else signal.SIGKILL)
 
 
 def _prepare(score, run_cfg):
@@ -113,8 +136,17 @@ def compare(cfg, train, score):
     started = time.time()
     configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
                for s in seeds for m in methods}
+    out = Path(cfg.out_dir)
+    earlier = checkpoints.earlier_run(out)  # the comparison's files and its per-run folders, checked before any run
+    if earlier and not (cfg.resume or cfg.overwrite):
+        die(f"compare: out_dir: {out} holds an earlier comparison ({', '.join(earlier[:5])}"
+            f"{', ...' if len(earlier) > 5 else ''}); continue it with --resume=true (finished runs are read back, "
+            f"interrupted ones continue), delete it as a whole with --overwrite=true, or choose another out_dir")
+    if cfg.overwrite and not cfg.resume:
+        checkpoints.discard_earlier_run(out)
     for run_cfg in configs.values():  # before any run starts (each would refuse on its own, after others trained)
-        refused = checkpoints.fresh_run_refused(run_cfg.out_dir, run_cfg.resume, run_cfg.overwrite)
+        refused = None if finished(run_cfg) else checkpoints.fresh_run_refused(run_cfg.out_dir, run_cfg.resume,
+                                                                                run_cfg.overwrite)
         if refused:
             die(f"compare: {refused}")
     workers = min(cfg.compare_workers, len(configs))
@@ -124,10 +156,13 @@ def compare(cfg, train, score):
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).
         models.load_models(cfg, *math_data.load_run_splits(cfg), score=score)
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with checkpoints.Interruption(forward=_pass_on) as interruption, \
+                multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) as pool:
             pool.map(functools.partial(_prepare, score), [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(functools.partial(_run, train), configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
+        if interruption.signal or "interrupted" in [h for h in runs.values() if isinstance(h, str)]:
+            raise checkpoints.Interrupted(interruption.signal or signal.SIGTERM, None, None)
         for key, history in runs.items():
             if history is None:
                 said = (Path(configs[key].out_dir) / "progress.log").read_text().strip().splitlines() or ["?"]
@@ -135,7 +170,6 @@ def compare(cfg, train, score):
     runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
     results = summarise(runs, seeds, cfg)
     results["wall_s"] = round(time.time() - started, 1)
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
     text = report(results, cfg) + example(out, methods, seeds[0])

@@ -148,13 +148,13 @@ class Config:
                               "samples.jsonl at every evaluation (0 = none)", at_least(0))
     # Run bookkeeping
     seed: int = key("student init, data order and rollout sampling", at_least(0))
-    out_dir: str = key("metrics.jsonl, samples.jsonl, summary.json, checkpoints/, student/ (and comparison.* with "
-                       "compare)", NON_EMPTY)
+    out_dir: str = key("one run's folder: metrics.jsonl, samples.jsonl, summary.json, run_config.yaml, checkpoints/, "
+                       "student/ (comparison.* with compare)", NON_EMPTY)
     checkpoint_every: int = key("save a resumable checkpoint every this many steps (0 = never)", at_least(0))
     keep_checkpoints: int = key("the newest this many checkpoints are kept (a resume that cannot load one falls back "
                                 "to the one before)", at_least(1))
-    resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none)")
-    overwrite: bool = key("true: a fresh run may delete the checkpoints and logs an earlier run left in out_dir")
+    resume: bool = key("true: continue from the newest checkpoint in out_dir that loads (fresh if there is none and the run did not finish)")
+    overwrite: bool = key("true: a fresh run deletes whatever an earlier run left in out_dir, as a whole (checkpoints, logs, student, evaluations)")
     report_to: str = key("metrics tracker of every metrics.jsonl row and the shown completions: none, tensorboard, "
                          "wandb or trackio (an optional package each: requirements-dev.txt)",
                          one_of(*REPORT_TO))

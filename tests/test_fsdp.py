@@ -2,6 +2,7 @@
 against train_small.py on the same data. Runs are shared between tests through module-scoped fixtures."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -252,6 +253,34 @@ def test_kill_and_resume_equals_uninterrupted_run(runs):
     assert relative_weight_error(weights(runs / "fsdp"), weights(runs / "killed_one_rank")) <= RELATIVE
 
 
+def test_sigterm_under_torchrun_checkpoints_every_rank_and_resume_matches(runs):
+    """
+    SIGTERM to torchrun mid-run (no periodic checkpoint): torchrun passes it on to both ranks, which agree through
+    the step's sums, finish the same step and save one DCP checkpoint there; rank 0 prints the step and the resume
+    command (torchrun then reports the signal itself). That command continues the run to the uninterrupted run's
+    metrics, one row per step, and weights, bitwise.
+    """
+    out = runs / "sigterm"
+    command = fsdp_command(out, runs / "cache", "--checkpoint_every=0")
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, log = time.time() + 200, out / "metrics.jsonl"
+    while process.poll() is None and time.time() < deadline and not (log.exists() and
+                                                                      log.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # to torchrun alone, as a scheduler's preemption of the launcher
+    _, stderr = process.communicate(timeout=200)
+    step = len(metrics(out)) - 1
+    assert 1 <= step < 5 and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step:06d}"], stderr[-3000:]
+    again = shlex.join([*command[command.index("train_fsdp.py") + 1:], "--resume=true"])
+    assert (f"stopped by SIGTERM (at step {step}, checkpoint {out / 'checkpoints' / f'step_{step:06d}'}); continue "
+            f"with: torchrun --standalone --nproc_per_node=2 train_fsdp.py {again}\n") in stderr
+    run(fsdp_command(out, runs / "cache", "--checkpoint_every=0", "--resume=true"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert [row["step"] for row in metrics(out)] == [0, 1, 2, 3, 4, 5]
+    assert strip(metrics(out)) == strip(metrics(runs / "fsdp"))
+    assert relative_weight_error(weights(runs / "fsdp"), weights(out)) == 0.0
+
+
 def test_fsdp_relaunch_stops_every_rank_and_keeps_the_run_unless_overwrite(runs):
     """Relaunching the FSDP run's command (resume false) into a copy of its out_dir stops both ranks with exit code 2
     and one line naming --resume=true and --overwrite=true, leaving every file as it was; with --overwrite=true it
@@ -261,8 +290,8 @@ def test_fsdp_relaunch_stops_every_rank_and_keeps_the_run_unless_overwrite(runs)
     before = folder_state(out)
     lines = stopped_on_every_rank(out, runs / "cache", "--checkpoint_every=2").strip().splitlines()
     assert len(lines) == 1, lines  # nothing else: it stops before the models load
-    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000004)")
-    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run (checkpoints, metrics.jsonl, ")
+    assert "continue it with --resume=true" in lines[0] and "--overwrite=true" in lines[0]
     assert folder_state(out) == before
     again = run(fsdp_command(out, runs / "cache", "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
     assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()

@@ -1,8 +1,11 @@
 """Smoke, resume and config tests of train_small.py: the real script in subprocesses, made tiny by overrides."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,7 +161,7 @@ def test_compare_relaunch_stops_at_once_and_resume_reads_finished_runs_back(cach
     result = run(*command, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith(f"error: compare: out_dir: {out / 'opd_seed0'} holds an earlier run's checkpoints")
+    assert lines[0].startswith(f"error: compare: out_dir: {out} holds an earlier comparison (comparison.json, ")
     assert "--resume=true" in lines[0] and folder_state(out) == before
     run(*command, "--resume=true")
     assert json.loads((out / "comparison.json").read_text())["methods"] == methods
@@ -284,20 +287,108 @@ def test_relaunch_stops_and_keeps_the_run_unless_overwrite(cache_dir, tmp_path):
     result = run(*command, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run's checkpoints (newest step_000002)")
-    assert "--resume=true" in lines[0] and "--overwrite=true" in lines[0]
+    assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run (checkpoints, metrics.jsonl, ")
+    assert "continue it with --resume=true" in lines[0] and "--overwrite=true" in lines[0]
     assert folder_state(out) == before
     again = run(*tiny(cache_dir, out, "--max_steps=1", "--checkpoint_every=0", "--overwrite=true"))
     assert "resumed from" not in again.stdout and not (out / "checkpoints").exists()
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
 
 
-def test_resume_without_a_checkpoint_says_it_starts_fresh(cache_dir, tmp_path):
-    """--resume=true into an out_dir without checkpoints prints one line saying it starts fresh, and does."""
+def test_a_finished_run_without_checkpoints_is_never_replaced_in_part(cache_dir, tmp_path):
+    """A short run (no checkpoint) that finished, and was evaluated: relaunching it, fresh or with --resume=true,
+    stops with one line and leaves every file byte-identical; with --overwrite=true the earlier run goes as a whole
+    (its evaluations too), and the folder holds the new run only."""
     out = tmp_path / "run"
-    result = run(*tiny(cache_dir, out, "--max_steps=1", "--eval_every=0", "--resume=true"))
-    assert result.stdout.splitlines()[0] == f"resume: no checkpoint in {out / 'checkpoints'}; starting fresh"
-    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
+    command = tiny(cache_dir, out, "--max_steps=1", "--eval_every=0")
+    run(*command)
+    (out / "eval" / "quick" / "student").mkdir(parents=True)  # as scripts.evaluate leaves it
+    (out / "eval" / "quick" / "student" / "gsm8k.json").write_text("{}")
+    before = folder_state(out)
+    assert {"metrics.jsonl", "summary.json", "run_config.yaml", "student/model.safetensors"} <= set(before)
+    for extra in ([], ["--resume=true"]):
+        result = run(*command, *extra, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith(f"error: out_dir: {out} holds an earlier run (")
+        assert "it has no checkpoint to continue from; delete it as a whole with --overwrite=true" in lines[0]
+        assert folder_state(out) == before
+    run(*command, "--overwrite=true", "--seed=1")
+    assert not (out / "eval").exists() and not (out / ".overwritten").exists()
+    assert {path.name for path in out.iterdir()} == {"metrics.jsonl", "samples.jsonl", "summary.json",
+                                                     "run_config.yaml", "student"}
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1
+
+
+def test_an_interrupted_overwrite_is_finished_by_the_next(tmp_path):
+    """An overwrite killed half-way leaves the earlier run partly in .overwritten: it still counts as an earlier run
+    (a fresh run refuses the folder), and the next overwrite deletes it all."""
+    for name in ("metrics.jsonl", "summary.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / ".overwritten" / "student").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's: never touched
+    assert checkpoints.earlier_run(tmp_path) == ["metrics.jsonl", "summary.json", ".overwritten"]
+    assert "holds an earlier run" in checkpoints.fresh_run_refused(tmp_path, resume=False, overwrite=False)
+    checkpoints.discard_earlier_run(tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"] and checkpoints.earlier_run(tmp_path) == []
+
+
+def interrupted_run(command, out, *signals, rows=2):
+    """train_small.py with `command`, sent `signals` (at once, in order) when metrics.jsonl holds `rows` rows; the
+    CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_small.py"), *command], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    log = Path(out) / "metrics.jsonl"
+    while process.poll() is None and time.time() < deadline and not (
+            log.exists() and log.read_text().count("\n") >= rows):
+        time.sleep(0.01)
+    for signum in signals:
+        process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=240)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_sigterm_checkpoints_and_resume_gives_the_uninterrupted_run(cache_dir, tmp_path, uninterrupted):
+    """SIGTERM mid-run, with no periodic checkpoint: the step in progress finishes, a checkpoint is saved, one line
+    names the step and the exact resume command, and the exit code is 128 + 15. That command continues the run to the
+    uninterrupted run's weights, metrics (one row per step) and samples, bitwise."""
+    out = tmp_path / "stopped"
+    command = tiny(cache_dir, out, "--max_steps=4", *RESUMED, "--checkpoint_every=0")
+    result = interrupted_run(command, out, signal.SIGTERM, rows=2)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    step = len(list(open(out / "metrics.jsonl"))) - 1
+    assert 1 <= step < 4 and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step:06d}"]
+    resume = f"python train_small.py {shlex.join(command + ['--resume=true'])}"
+    assert last == (f"stopped by SIGTERM (at step {step}, checkpoint {out / 'checkpoints' / f'step_{step:06d}'}); "
+                    f"continue with: {resume}")
+    subprocess.run(shlex.split(resume), cwd=ROOT, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_second_signal_exits_at_once_and_a_repeated_one_does_not(monkeypatch):
+    """The first SIGTERM or SIGINT is recorded; the same request delivered twice within a second (Slurm signals every
+    process, torchrun passes its own on) is still the first; a second one later exits at once with 128 + its number.
+    SIGUSR1 (compare.py's main process passing its signal on) never counts as a second one."""
+    clock, exits = [100.0], []
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(checkpoints.os, "_exit", exits.append)
+    interruption = checkpoints.Interruption(say=False)
+    interruption.handle(signal.SIGUSR1, None)
+    assert interruption.signal == signal.SIGTERM and not exits
+    interruption.handle(signal.SIGINT, None)
+    clock[0] += 0.5
+    interruption.handle(signal.SIGTERM, None)
+    interruption.handle(signal.SIGUSR1, None)
+    assert interruption.signal == signal.SIGTERM and not exits
+    clock[0] += 2
+    interruption.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
 
 
 @pytest.mark.parametrize("dataset", ["save_to_disk", "jsonl"])

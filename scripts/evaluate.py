@@ -15,16 +15,20 @@ standard error over problems. Answers are read as the datasets store them: a "##
 --data replaces a benchmark's dataset id by a local save_to_disk folder or .json/.jsonl file (one split: used as is).
 
 Written to --out: eval.json (per model and benchmark: pass@1, stderr, n, problems, tokens generated; the suite mean;
-the best model), eval.md (the paper's Table 1 shape: one column per benchmark and their unweighted mean) and
-<model>/<benchmark>.json, the per-problem counts, rewritten atomically after every group of problems: rerun with the
-same arguments, an interrupted evaluation resumes from the benchmarks and problems already scored (and a changed
-setting stops it with one line rather than mix two evaluations).
+the weights' fingerprint; the best model), eval.md (the paper's Table 1 shape: one column per benchmark and their
+unweighted mean) and <model>/<benchmark>.json, the per-problem counts, rewritten atomically after every group of
+problems: rerun with the same arguments, an interrupted evaluation resumes from the benchmarks and problems already
+scored (and a changed setting stops it with one line rather than mix two evaluations). Each of those files also holds a
+fingerprint of the weights it scored (a hash of a local folder's weight files, or a hub name's commit): a student
+retrained into the same folder is scored again from scratch, with one line saying so, rather than served the old
+weights' counts.
 
 Sampling goes through one function per model, an engine's `sample(prompts, n, seed)`; pick_engine is where the engine
 is chosen. --engine=hf decodes with trb.blended_generate at eps 0 without a teacher (the student alone), in calls of
 --batch_size rows, as training's evaluation does; --engine=vllm (in the vLLM environment, .venv-vllm) with the
 vLLM engine holding the student alone, n samples per problem in one request (vllm_engine.py).
 """
+import hashlib
 import json
 import math
 import os
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,7 +54,7 @@ FLAGS = {
     "run": (str, "", "a run's out_dir: each of its checkpoints and its exported student, and the best by the mean"),
     "base": (str, "", "with --run: the tokenizer, model config and stop ids of its checkpoints (default: "
                       "<run>/student, the exported student; or the student's init, e.g. Qwen/Qwen3-1.7B-Base)"),
-    "out": (str, "", "output folder (default: <run>/eval/<suite>, or evals/<model>/<suite>)"),
+    "out": (str, "", "output folder (default: <run>/eval/<suite>, or runs/evals/<model>/<suite>)"),
     "data": (str, "", "local copies in place of dataset ids: benchmark=PATH[,benchmark=PATH...], each a save_to_disk "
                       "folder or a .json/.jsonl file"),
     "engine": (str, "hf", "hf (transformers, trb.blended_generate) or vllm (needs the vLLM environment)"),
@@ -72,6 +77,7 @@ BENCHMARK_KEYS = {"name": str, "dataset": str, "config": str, "split": str, "que
                   "problems": int}
 BENCHMARK_DEFAULTS = {"config": "", "problems": 0}  # problems 0 = all; otherwise the first this many
 SETTINGS = ("dataset", "config", "split", "question", "answer", "n")  # a benchmark's keys its stored results depend on
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # the files a model folder or checkpoint holds
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -199,26 +205,59 @@ def models_to_evaluate(args):
     return found
 
 
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def weights_fingerprint(source):
+    """What identifies the weights a source holds, stored with its results: the path alone does not (a run's student
+    is retrained into the same folder). A local folder (an exported student, a checkpoint's student/, a DCP
+    checkpoint) is a BLAKE2b hash of its weight files' names, sizes and bytes (of every file if it holds none of
+    WEIGHT_SUFFIXES); a hub name is hub:<name>@<commit>, the commit its config.json resolves to now."""
+    _, path = source
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download
+        try:
+            config = hf_hub_download(path, "config.json")
+        except (OSError, ValueError) as error:
+            die(f"--model: cannot resolve {path!r} on the hub: "
+                f"{(str(error).splitlines() or [type(error).__name__])[0]}")
+        return f"hub:{path}@{Path(config).parent.name}"  # the snapshot folder is named by its commit
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    files = [f for f in files if f.suffix in WEIGHT_SUFFIXES] or files
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:  # shards hash side by side
+        digests = list(pool.map(file_hash, files))
+    total = hashlib.blake2b()
+    for f, digest in zip(files, digests):
+        total.update(f"{f.name} {f.stat().st_size} {digest}\n".encode())
+    return f"blake2b:{total.hexdigest()}"
+
+
 def load_tokenizer(name, key, trust_remote_code):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        die(f"{key}: cannot load a tokenizer from {name!r}: {str(error).splitlines()[0]}")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """name's tokenizer, left-padded: from the local Hugging Face cache first, one line naming key if it cannot be
+    loaded (models.load_named)."""
+    return models.pretrained_tokenizer(key, name, trust_remote_code)
 
 
 def stop_ids(name, tokenizer):
     """The tokenizer's EOS and every EOS id of name's generation_config: an exported student lists each id training
     stopped at (a Base student with a chat teacher: both)."""
     from transformers import GenerationConfig
-    try:
-        generation = GenerationConfig.from_pretrained(os.path.expanduser(name))
-    except (OSError, ValueError):  # a model without generation_config.json stops at its tokenizer's EOS
-        generation = None
+
+    def load(local_files_only):
+        try:
+            return GenerationConfig.from_pretrained(os.path.expanduser(name), local_files_only=local_files_only)
+        except (OSError, ValueError):  # a model without generation_config.json stops at its tokenizer's EOS
+            return None
+
+    if os.path.exists(os.path.expanduser(name)):
+        generation = load(False)
+    else:  # a hub name: the local cache first, then the hub if it can answer (else the model's load says why not)
+        generation = load(True)
+        if generation is None and not models.hub_unavailable(name):
+            generation = load(False)
     return models.stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation))
 
 
@@ -229,8 +268,9 @@ def load_model(source, base, args, dtype):
         return models.load_pretrained("--model" if args.model else "--run", path, args, dtype)
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(os.path.expanduser(base),
-                                                                        trust_remote_code=args.trust_remote_code))
+    config = models.load_named("--base", base, lambda name, local: AutoConfig.from_pretrained(
+        name, trust_remote_code=args.trust_remote_code, local_files_only=local), "a model config from ")
+    model = AutoModelForCausalLM.from_config(config)
     wanted = model.state_dict()  # the parameters' own tensors: dcp.load fills them in place (tied ones once)
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     missing = [k for k in wanted if f"model.{k}" not in stored]
@@ -321,22 +361,29 @@ def group_seed(seed, bench, first):
     return zlib.crc32(f"{seed}/{bench.key}/{first}".encode())
 
 
-def stored_results(path, settings):
-    """The per-problem results already in path ([] if none); results of other settings stop with one line."""
+def stored_results(path, header):
+    """The per-problem results already in path ([] if none). Results of other settings stop with one line (another
+    evaluation was asked for); results of other weights, or of unrecorded ones, are dropped with one line and the
+    benchmark is scored again from its first problem, so old and new counts never mix."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    for key, value in settings.items():
+    for key, value in header["settings"].items():
         if saved["settings"].get(key) != value:
             die(f"--out: {path} holds results of other settings ({key}: {saved['settings'].get(key)!r} there, "
                 f"{value!r} now); choose another --out or delete that file")
+    if saved.get("weights") != header["weights"]:
+        model = header["settings"]["model"]
+        print(f"{model}: its weights changed since {path} was scored; scoring again" if saved.get("weights") else
+              f"{path} does not record the weights it scored; scoring {model} again", flush=True)
+        return []
     return saved["problems"]
 
 
-def score(sample, bench, questions, references, prompts, path, settings, label, args):
-    """The per-problem results [{correct, tokens}] of a benchmark, resumed from `path` and saved there after every
-    group of problems (problems per group: batch_size // n, at least one)."""
-    results = stored_results(path, settings)
+def score(sample, bench, questions, references, prompts, path, header, results, label, args):
+    """The per-problem results [{correct, tokens}] of a benchmark, resumed from `results` (those already in `path`)
+    and saved there with `header` (settings and weights) after every group of problems (problems per group:
+    batch_size // n, at least one)."""
     per_group = max(1, args.batch_size // bench.n)
     bar = tqdm(total=len(questions), initial=min(len(results), len(questions)), desc=f"{label} {bench.name}",
                unit="problem", dynamic_ncols=True)
@@ -347,7 +394,7 @@ def score(sample, bench, questions, references, prompts, path, settings, label, 
         for i, completions, count in zip(group, texts, tokens):
             results.append({"correct": sum(bool(math_data.is_correct(text, references[i], exact=False))
                                            for text in completions), "tokens": count})
-        write_atomically(path, json.dumps({"settings": settings, "problems": results}))
+        write_atomically(path, json.dumps({**header, "problems": results}))
         bar.update(len(group))
     bar.close()
     return results[:len(questions)]
@@ -400,7 +447,7 @@ def default_out(args, suite):
     stem = Path(suite.path).stem
     if args.run:
         return Path(args.run) / "eval" / stem
-    return Path("evals") / args.model.strip("./").replace("/", "__") / stem
+    return Path("runs") / "evals" / args.model.strip("./").replace("/", "__") / stem
 
 
 def main(argv=None):
@@ -438,19 +485,22 @@ def main(argv=None):
     for label, source, step in todo:
         folder = out / label.strip("./").replace("/", "__")
         folder.mkdir(parents=True, exist_ok=True)
-        sample, entry = None, {"model": label, "source": source[1], "step": step, "results": str(folder),
-                               "benchmarks": {}}
+        weights = weights_fingerprint(source)  # once per model: hashing a large model's files takes seconds
+        sample, entry = None, {"model": label, "source": source[1], "weights": weights, "step": step,
+                               "results": str(folder), "benchmarks": {}}
         for bench in suite.benchmarks:
             settings = {"model": source[1], **{k: getattr(bench, k) for k in SETTINGS},
                         "data": overrides.get(bench.key),
                         "temperature": suite.temperature, "max_new_tokens": suite.max_new_tokens,
                         "prompt": suite.prompt, "system_prompt": suite.system_prompt,
                         "enable_thinking": suite.enable_thinking, "seed": args.seed, "engine": args.engine}
-            path = folder / f"{bench.key}.json"
+            path, header = folder / f"{bench.key}.json", {"settings": settings, "weights": weights}
             questions, references = data[bench.key]
-            if sample is None and len(stored_results(path, settings)) < len(questions):  # load only what has work left
+            results = stored_results(path, header)
+            if sample is None and len(results) < len(questions):  # load only what has work left
                 sample = make_engine(source, base, tokenizer, eos_ids, suite, args)
-            results = score(sample, bench, questions, references, prompts[bench.key], path, settings, label, args)
+            results = score(sample, bench, questions, references, prompts[bench.key], path, header, results, label,
+                            args)
             entry["benchmarks"][bench.key] = {"name": bench.name, **summarize(results, bench.n)}
         entry["mean"], entry["mean_stderr"] = suite_mean(entry["benchmarks"])
         report["models"].append(entry)
@@ -460,7 +510,8 @@ def main(argv=None):
             report["best"] = max(report["models"], key=lambda e: e["mean"])["model"]
         write_atomically(out / "eval.json", json.dumps(report, indent=2))
         write_atomically(out / "eval.md", table(report, suite))
-    print(table(report, suite) + f"\nwritten to {out}/: eval.json, eval.md and the per-problem results")
+    print(table(report, suite) + f"\nwrote {out / 'eval.json'}, {out / 'eval.md'} and the per-problem counts in "
+          + ", ".join(f"{entry['results']}/" for entry in report["models"]))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 `python -m scripts.plot_strengths --out=docs/strengths.png 50=DIR 100=DIR 200=DIR`: one comparison per initial student
 strength (each DIR holds the comparison.json that `train_small.py --compare=opd,trb` wrote, the label its
 student_sft_steps), drawn as the paired difference method - OPD in final pass@1 and in AUC, with its 95% interval,
-against the initial pass@1 of the student. Prints the points as a markdown table; reads only comparison.json, so the
-figure is remade from the compare output alone.
+against the initial pass@1 of the student. Prints the points as a markdown table and the path written; reads only
+comparison.json, so the figure is remade from the compare output alone. Without --out the figure goes to
+runs/strengths.png, out of git's view: the committed docs/strengths.png is written only when named.
 """
 import argparse
 import json
@@ -88,7 +89,9 @@ def main(argv=None):
                                      description=__doc__.strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=DIR: a strength's label (its student_sft_steps) and the folder "
                                                 "holding its comparison.json")
-    parser.add_argument("--out", default="docs/strengths.png", help="the figure's path")
+    parser.add_argument("--out", default="runs/strengths.png", help="the figure's path, its folder made if missing "
+                                                                    "(default: %(default)s, untracked; the committed "
+                                                                    "figure: docs/strengths.png)")
     parser.add_argument("--method", default="trb", help="the method compared with opd")
     args = parser.parse_args(argv)
     labelled = [tuple(item.split("=", 1)) for item in args.runs]
@@ -98,8 +101,10 @@ def main(argv=None):
     if missing:
         parser.error(f"{missing[0]}: no comparison.json (write one with train_small.py --compare=opd,trb)")
     points = strength_points(labelled, args.method)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_strengths(points, args.out, args.method)
     print(table(points, args.method), end="")
+    print(f"wrote {args.out}")
     return points
 
 

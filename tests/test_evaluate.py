@@ -3,6 +3,7 @@ whose answers are known (the embedded task's teacher, trained on 1-digit sums) a
 checkpoints of both scripts' formats, resume after an interruption, and one-line errors."""
 import json
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -224,6 +225,74 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(models_dir, benchmar
         run_evaluate(f"--suite={changed}", *common[1:], f"--out={tmp_path / 'parts'}")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds results of other settings (n: 4 there, 2 now)" in err[0], err
+
+
+def test_counts_of_other_weights_are_scored_again(models_dir, benchmark_data, tmp_path, monkeypatch, capsys):
+    """The per-problem counts record the weights they scored: rerun on a folder whose weights were replaced (a student
+    retrained into the same path), the evaluation scores it again from scratch, says so in one line and ends with a
+    fresh evaluation's numbers; counts that record no weights are scored again too; rerun on unchanged weights it
+    loads no model. An --out whose parents do not exist is made, and the last line names the files written."""
+    keys = ["gsm8k", "aime25"]
+    model, out, fresh = tmp_path / "student", tmp_path / "new" / "eval" / "quick", tmp_path / "fresh"
+    shutil.copytree(models_dir / "teacher", model)
+    common = [f"--suite={suite_file(tmp_path / 'suite.yaml', keys)}", f"--model={model}",
+              data_flag(benchmark_data, keys), "--batch_size=16"]
+    run_evaluate(*common, f"--out={out}")
+    report = json.loads((out / "eval.json").read_text())
+    results = Path(report["models"][0]["results"])
+    assert results.parent == out and report["models"][0]["mean"] >= 0.9
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote {out / 'eval.json'}, {out / 'eval.md'} and the per-problem counts in {results}/")
+    shutil.rmtree(model)
+    shutil.copytree(models_dir / "random", model)  # retrained in place: same path, other weights
+    run_evaluate(*common, f"--out={out}")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "scoring again" in line]
+    assert notes == [f"{model}: its weights changed since {results / key}.json was scored; scoring again"
+                     for key in keys]
+    run_evaluate(*common, f"--out={fresh}")
+    [again], [new] = (json.loads((folder / "eval.json").read_text())["models"] for folder in (out, fresh))
+    assert again["benchmarks"] == new["benchmarks"] and again["weights"] == new["weights"] and again["mean"] <= 0.1
+    for key in keys:
+        assert (results / f"{key}.json").read_text() == (Path(new["results"]) / f"{key}.json").read_text()
+    real_engine = evaluate.hf_engine
+    monkeypatch.setattr(evaluate, "hf_engine", lambda *args: pytest.fail("unchanged weights loaded a model"))
+    run_evaluate(*common, f"--out={out}")
+    assert "scoring again" not in capsys.readouterr().out
+    saved = json.loads((results / "aime25.json").read_text())
+    del saved["weights"]  # counts written without a record of their weights
+    (results / "aime25.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(evaluate, "hf_engine", real_engine)
+    run_evaluate(*common, f"--out={out}")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "scoring" in line]
+    assert notes == [f"{results / 'aime25.json'} does not record the weights it scored; scoring {model} again"]
+    assert (results / "aime25.json").read_text() == (Path(new["results"]) / "aime25.json").read_text()
+
+
+def test_the_weights_fingerprint_follows_the_weight_files_and_the_hub_commit(tmp_path, monkeypatch):
+    """A local folder's fingerprint is its weight files' bytes: equal for a copy, changed by one byte of a .distcp
+    shard, unchanged by a file that holds no weights (a DCP checkpoint's state.json); a hub name's is the commit its
+    cached config.json resolves to (offline, from a cache written here), so it follows the commit main points at."""
+    import huggingface_hub.constants
+    checkpoint = tmp_path / "step_000003"
+    checkpoint.mkdir()
+    for name, data in (("__0_0.distcp", b"weights"), (".metadata", b"index"), ("state.json", b'{"step": 3}')):
+        (checkpoint / name).write_bytes(data)
+    fingerprint = evaluate.weights_fingerprint(("dcp", str(checkpoint)))
+    assert evaluate.weights_fingerprint(("dcp", str(shutil.copytree(checkpoint, tmp_path / "copy")))) == fingerprint
+    (checkpoint / "state.json").write_text('{"step": 4}')
+    assert evaluate.weights_fingerprint(("dcp", str(checkpoint))) == fingerprint
+    (checkpoint / "__0_0.distcp").write_bytes(b"weightz")
+    assert evaluate.weights_fingerprint(("dcp", str(checkpoint))) != fingerprint
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "refs" / "main").write_text(commit)
+        assert evaluate.weights_fingerprint(("hf", "org/tiny")) == f"hub:org/tiny@{commit}"
 
 
 @pytest.mark.parametrize("args, expected", [

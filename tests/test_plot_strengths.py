@@ -2,11 +2,14 @@
 differences those files hold, the initial pass@1 is each strength's mean with its interval, and points that share an
 initial pass@1 are drawn apart."""
 import json
+from pathlib import Path
 
 import pytest
 
 from distill import compare
 from scripts import plot_strengths
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_comparison(folder, initial, final_diffs, auc_diffs):
@@ -60,3 +63,20 @@ def test_a_folder_without_comparison_json_stops_with_one_line(tmp_path, capsys):
         plot_strengths.main(["--out", str(tmp_path / "fig.png"), f"50={tmp_path / 'nowhere'}"])
     assert stop.value.code == 2 and "nowhere: no comparison.json" in capsys.readouterr().err
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_the_default_output_is_untracked_and_a_missing_folder_is_made(tmp_path, monkeypatch, capsys):
+    """Without --out the figure goes to an ignored path outside docs/ (the committed figure is written only when
+    named); an --out in folders that do not exist yet is written after making them; the last printed line names the
+    file written."""
+    write_comparison(tmp_path / "s50", [0.0, 0.0], [0.01, 0.03], [0.0, 0.02])
+    monkeypatch.chdir(tmp_path)
+    plot_strengths.main([f"50={tmp_path / 's50'}"])
+    [written] = tmp_path.rglob("*.png")
+    relative = written.relative_to(tmp_path)
+    assert relative.parts[0] != "docs" and f"{relative.parts[0]}/" in (ROOT / ".gitignore").read_text().split()
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {relative}"
+    out = tmp_path / "figures" / "new" / "fig.png"
+    plot_strengths.main(["--out", str(out), f"50={tmp_path / 's50'}"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"

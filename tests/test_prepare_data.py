@@ -68,6 +68,15 @@ def test_one_row_per_distinct_prompt_drawn_by_seed(ot3_jsonl, tmp_path, capsys):
     assert not list(tmp_path.glob(".tmp-*"))  # written by rename: no temporary file left
 
 
+def test_the_output_folder_is_made_and_the_last_line_names_the_file(ot3_jsonl, tmp_path, capsys):
+    """An --out in folders that do not exist yet is written after making them, and the last printed line names it;
+    --out has no default, so no run writes a file of the repository unasked."""
+    out = tmp_path / "data" / "new" / "prompts.jsonl"
+    lines = prepare(capsys, f"--source={ot3_jsonl}", f"--out={out}", "--n=5")
+    assert len(read_jsonl(out)) == 5 and lines[-1].startswith(f"wrote 5 prompts to {out} ")
+    assert prepare_data.FLAGS["out"][1] is None
+
+
 def test_domain_filter_and_too_few_prompts(ot3_jsonl, tmp_path, capsys):
     """--domain keeps that domain only, and says how many rows of other domains it dropped; asking for more prompts
     than remain stops with one line naming --n and writes nothing."""

@@ -176,6 +176,8 @@ def compare(cfg, train, score):
     (out / "comparison.md").write_text(text)
     plot_comparison(runs, out / "comparison.png", cfg)
     print(text)
+    print(f"wrote {out / 'comparison.md'} (the tables above), {out / 'comparison.json'} (every number, per seed) and "
+          f"{out / 'comparison.png'} (the curves); each run's logs, summary and student are in {out}/<method>_seed<n>/")
     return results
 
 

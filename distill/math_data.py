@@ -7,6 +7,8 @@ and an answer field).
 Answers are the last complete \\boxed{...} or "#### n" of a completion; on real data they are compared with
 math-verify, the paper's checker (\\frac12 = 0.5 = \\dfrac{1}{2}), on the embedded synthetic task as exact strings.
 """
+import codecs
+import json
 import os
 import re
 import threading
@@ -15,22 +17,99 @@ from distill import models, synthetic_task
 from distill.config import die
 
 
-def _load(name, config_name, key):
+def _load(name, config_name, key, streaming=False):
     """A DatasetDict from a hub name, a save_to_disk folder or a .json/.jsonl file (one split, named "train"); any
-    loading problem stops with one line naming the key."""
+    loading problem stops with one line naming the key. A file is checked first (_check_json_file); a hub name is read
+    from datasets' cache when an earlier load left it there (models.load_named); streaming: a hub name that is not
+    there is streamed (an IterableDatasetDict), not downloaded whole."""
     import datasets
     datasets.disable_progress_bars()  # stderr stays clean: errors below must be one line
-    path = os.path.expanduser(name)
-    try:
+
+    def load(path, from_cache):
+        if from_cache:
+            return _from_cache(path, config_name)
         if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "dataset_info.json")):
-            data = datasets.load_from_disk(path)
-        elif os.path.isfile(path):
-            data = datasets.load_dataset("json", data_files=path)
-        else:
-            data = datasets.load_dataset(path, config_name or None)
-    except Exception as error:  # noqa: BLE001 - any loader failure becomes one line naming the key
-        die(f"{key}: cannot load {name!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
-    return data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict({"train": data})
+            return datasets.load_from_disk(path)
+        if os.path.isfile(path):
+            return datasets.load_dataset("json", data_files=path)
+        return datasets.load_dataset(path, config_name or None, streaming=streaming)
+
+    if os.path.isfile(os.path.expanduser(name)):
+        _check_json_file(os.path.expanduser(name), name, key)
+    data = models.load_named(key, name, load, errors=Exception, dataset=True)  # any loader failure: one line
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return data
+    return datasets.DatasetDict({"train": data})
+
+
+def _from_cache(name, config_name):
+    """The hub dataset `name` from the Arrow files an earlier load left in datasets' cache, without a request to the
+    hub (datasets' own offline mode, set for this call); OSError when it is not there."""
+    import datasets
+    from datasets.utils import logging
+    offline, verbosity = datasets.config.HF_HUB_OFFLINE, logging.get_verbosity()
+    datasets.config.HF_HUB_OFFLINE = True
+    logging.set_verbosity_error()  # its warnings that it uses the cached copy: that is what was asked
+    try:
+        return datasets.load_dataset(name, config_name or None)
+    except Exception as error:  # noqa: BLE001 - whatever the cache lacks, the hub may have
+        raise OSError(f"{name} is not in datasets' cache: {models.first_line(error)}") from error
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+        logging.set_verbosity(verbosity)
+
+
+def _check_json_file(path, name, key):
+    """
+    Stop with one line naming the file (and the line) when a dataset file has no rows, or a line or document that is
+    not JSON: datasets' json loader says "StopIteration" or "An error occurred while generating the dataset" for these,
+    the line number only in a log line above. Accepted as that loader accepts them: JSON lines (one object per line,
+    blank lines skipped), or one JSON document, a list of rows or an object (of columns, or one row). JSON lines are
+    read a line at a time; only a document is read whole, as the loader reads it.
+    """
+    first = next(_json_lines(path), None)
+    if first is None:
+        die(f"{key}: {name}: no rows")
+    number, line = first
+    document_like = line.lstrip().startswith(b"[")  # the loader reads a file that opens a list as one document
+    if document_like or not _is_json(line):  # or a first line that is not JSON alone: one multi-line document?
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                document = json.load(f)
+        except UnicodeDecodeError:
+            die(f"{key}: {name}: not UTF-8 text (a dataset file is .json or .jsonl)")
+        except json.JSONDecodeError as error:
+            where = error.lineno if document_like or not path.endswith(".jsonl") else number
+            die(f"{key}: {name} line {where}: not valid JSON")
+        if isinstance(document, list) and not document:
+            die(f"{key}: {name}: no rows")
+        if isinstance(document, (list, dict)):
+            return
+    for number, line in _json_lines(path):
+        try:
+            row = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included
+            die(f"{key}: {name} line {number}: not valid JSON")
+        if not isinstance(row, dict):
+            die(f"{key}: {name} line {number}: not a JSON object")
+
+
+def _json_lines(path):
+    """(line number, bytes) of a file's non-blank lines, split at "\\n" only as the loader splits them; a leading
+    UTF-8 byte order mark dropped."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.removeprefix(codecs.BOM_UTF8) if number == 1 else line
+            if line.strip():
+                yield number, line
+
+
+def _is_json(line):
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _split(data, split, key, name):

@@ -2,14 +2,22 @@
 The models of a run: the student and the teacher as Hugging Face causal LMs (a hub name or a local folder, or the
 embedded task's, trained and cached on first use), their shared tokenizer, the compute dtype, the stop ids, and the
 exported student. Used by train_small.py, train_fsdp.py, compare.py and the evaluation.
+Models, tokenizers and datasets named by a hub name load through load_named: from the local Hugging Face cache first,
+from the hub only when they are not there, and when the hub cannot serve them either (offline, or unreachable within a
+few seconds) with one line that says so.
 """
 import copy
 import os
+import threading
+from urllib.parse import urlsplit
 
 import torch
 
 from distill import synthetic_task
-from distill.config import die
+from distill.config import die, missing_local
+
+HUB_CHECK_S = 5  # how long hub_reachable waits for the hub's answer: name lookup, connection, TLS and one request
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # an offline variable set to one of these is on, as huggingface_hub reads it
 
 
 def device_and_dtype(cfg):
@@ -20,34 +28,114 @@ def device_and_dtype(cfg):
     return device, getattr(torch, cfg.dtype)
 
 
-def load_pretrained(key, name, cfg, dtype):
-    """A hub name or local folder as a causal LM; any loading failure is one line naming the key."""
-    from transformers import AutoModelForCausalLM
+def first_line(error):
+    """An error's first message line (its type's name if it has no message): what a one-line stop shows."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def offline_variable(dataset=False):
+    """The environment variable that turns the Hugging Face libraries offline, or None: HF_HUB_OFFLINE, else
+    TRANSFORMERS_OFFLINE, as huggingface_hub reads them; for datasets HF_DATASETS_OFFLINE decides when it is set."""
+    names = ("HF_DATASETS_OFFLINE",) if dataset and "HF_DATASETS_OFFLINE" in os.environ else (
+        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    name = next((n for n in names if os.environ.get(n)), None)
+    return name if name and os.environ[name].upper() in TRUE_VALUES else None
+
+
+def hub_endpoint():
+    """The hub's address: HF_ENDPOINT, else huggingface_hub's default (https://huggingface.co)."""
+    from huggingface_hub import constants
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT or "https://huggingface.co"
+
+
+def hub_reachable(timeout=HUB_CHECK_S):
+    """Whether the hub answers one HEAD request within timeout seconds, any HTTP status counting as an answer. It goes
+    through huggingface_hub's own HTTP client (its proxies, certificates and client factory, as a download would) but
+    not through its retries; a TCP connection alone is no proof (an intercepting proxy accepts it and then fails
+    TLS). It runs in a thread: a name lookup has no timeout of its own."""
+    from huggingface_hub import get_session
+    answered = []
+
+    def ask():
+        try:
+            get_session().head(hub_endpoint(), timeout=timeout)
+            answered.append(True)
+        except Exception:  # noqa: BLE001 - no answer, whatever the reason (lookup, connection, TLS, offline mode)
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def hub_unavailable(name, dataset=False):
+    """Why the hub name `name`, not in the local Hugging Face cache, cannot be downloaded now (one line), or None: an
+    offline variable is set, or the hub does not answer within HUB_CHECK_S. transformers and datasets retry an
+    unreachable hub for 25-50 s before they fail, with a line per retry."""
+    variable = offline_variable(dataset)
+    if variable:
+        return f"{name} is not in the local Hugging Face cache ({variable} is set)"
+    if hub_reachable():
+        return None
+    fetch = f"hf download --repo-type dataset {name} --local-dir FOLDER" if dataset else f"hf download {name}"
+    return (f"{name} is not in the local Hugging Face cache and {urlsplit(hub_endpoint()).netloc} cannot be "
+            f"reached; download it where there is a network ({fetch}) or give a local folder")
+
+
+def load_named(key, name, load, what="", errors=(OSError, ValueError), dataset=False):
+    """
+    load(path, local_files_only) for a model or dataset argument, a failure of the kinds in `errors` one line naming
+    key. A local path is loaded as it is, and one that does not exist stops at once (a misspelled folder would reach
+    the hub as a repo id). A hub name is loaded from the local Hugging Face cache first, without a request (load
+    raises OSError when it is not there), and only then from the hub, unless hub_unavailable says why it cannot be.
+    """
+    if missing_local(name):
+        die(f"{key}: cannot load {what}{name!r}: no such folder or file")
+    path = os.path.expanduser(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype,
-                                                    trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as error:
-        die(f"{key}: cannot load {name!r}: {str(error).splitlines()[0]}")
+        if os.path.exists(path):
+            return load(path, False)
+        try:
+            return load(name, True)
+        except OSError:
+            reason = hub_unavailable(name, dataset)
+            if reason:
+                die(f"{key}: {reason}")
+        return load(name, False)
+    except errors as error:
+        die(f"{key}: cannot load {what}{name!r}: {first_line(error)}")
+
+
+def load_pretrained(key, name, cfg, dtype):
+    """A hub name or local folder as a causal LM (load_named: the local cache first); any loading failure is one line
+    naming the key."""
+    from transformers import AutoModelForCausalLM
+    return load_named(key, name, lambda path, local: AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=local))
+
+
+def pretrained_tokenizer(key, name, trust_remote_code):
+    """The tokenizer of a hub name or local folder (load_named: the local cache first), left-padded, pad = EOS if it
+    has no pad token; any loading failure is one line naming the key."""
+    from transformers import AutoTokenizer
+    tokenizer = load_named(key, name, lambda path, local: AutoTokenizer.from_pretrained(
+        path, trust_remote_code=trust_remote_code, local_files_only=local), "a tokenizer from ")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_tokenizer(cfg):
     """The student's tokenizer (the embedded task's character tokenizer), left-padded, checked against the teacher's."""
     if cfg.student == "synthetic":
         return synthetic_task.char_tokenizer()
-    from transformers import AutoTokenizer
+    tokenizer = pretrained_tokenizer("student", cfg.student, cfg.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.student),
-                                                  trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as error:
-        die(f"student: cannot load a tokenizer from {cfg.student!r}: {str(error).splitlines()[0]}")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher),
-                                                                      trust_remote_code=cfg.trust_remote_code))
-    except (OSError, ValueError) as error:
-        die(f"teacher: {str(error).splitlines()[0]}")
+        check_same_vocab(tokenizer, pretrained_tokenizer("teacher", cfg.teacher, cfg.trust_remote_code))
+    except ValueError as error:
+        die(f"teacher: {first_line(error)}")
     return tokenizer
 
 

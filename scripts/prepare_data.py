@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from distill import math_data
+from distill import math_data, models
 from distill.checkpoints import write_atomically
 from distill.config import die, load_config, parse_flags
 
@@ -44,21 +44,13 @@ LENGTH_BATCH = 512  # prompts tokenized at a time while walking the shuffled ord
 
 
 def read_rows(args):
-    """The source's rows as dicts. A hub dataset is streamed, one pass without an Arrow cache (OpenThoughts3-1.2M is a
-    28 GB download that its Arrow cache would double); a folder or file is read through math_data's loader."""
-    import datasets
-    path = os.path.expanduser(args.source)
-    if os.path.exists(path):
-        data = math_data._load(args.source, "", "--source")
-        if args.split not in data and len(data) == 1:  # a file is one split, whatever its name
-            args.split = next(iter(data))
-        rows = math_data._split(data, args.split, "--split", args.source)
-    else:
-        datasets.disable_progress_bars()
-        try:
-            rows = datasets.load_dataset(args.source, split=args.split, streaming=True)
-        except Exception as error:  # noqa: BLE001 - any loader failure is one line naming the argument
-            die(f"--source: cannot load {args.source!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
+    """The source's rows as dicts, read through math_data's loader: a folder or file as it is, a hub dataset from
+    datasets' cache if an earlier load left it there, else streamed, one pass without an Arrow cache (OpenThoughts3-1.2M
+    is a 28 GB download that its Arrow cache would double)."""
+    data = math_data._load(args.source, "", "--source", streaming=True)
+    if args.split not in data and len(data) == 1 and os.path.exists(os.path.expanduser(args.source)):
+        args.split = next(iter(data))  # a file is one split, whatever its name
+    rows = math_data._split(data, args.split, "--split", args.source)
     columns = rows.column_names
     if columns is None:  # a stream whose features the hub does not declare: every row is read whole
         return rows
@@ -102,12 +94,7 @@ def draw(prompts, args, counts):
     random.Random(args.seed).shuffle(order)
     if not args.tokenizer:
         return [prompts[i] for i in order[:args.n]]
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer),
-                                                  trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        die(f"--tokenizer: cannot load {args.tokenizer!r}: {str(error).splitlines()[0]}")
+    tokenizer = models.pretrained_tokenizer("--tokenizer", args.tokenizer, args.trust_remote_code)
     fmt = SimpleNamespace(dataset=args.source, system_prompt=args.system_prompt, enable_thinking=args.enable_thinking)
     kept, counts["measured"], counts["too_long"], counts["longest"] = [], 0, 0, 0
     for start in range(0, len(order), LENGTH_BATCH):

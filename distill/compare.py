@@ -82,13 +82,16 @@ def finished(run_cfg):
     return None
 
 
-_worker = {"interruption": None, "stopped": False}  # a compare worker's process-wide signal state (_start_worker)
+_worker = {"stop": None, "stopped": False}  # a compare worker's stop request (_start_worker) and whether it stopped
 
 
-def _start_worker():
-    """A compare worker's signal handlers, kept between its runs: a signal between two runs is not lost, and once a
-    signal has stopped a run, the worker starts no other (checkpoints.Interruption)."""
-    _worker["interruption"] = checkpoints.Interruption(say=False).__enter__()
+def _start_worker(stop):
+    """A compare worker between runs: Ctrl-C's SIGINT and SIGUSR1 are the main process's to handle (it sets `stop`, an
+    Event, and passes them on to the runs in progress, whose train() handles them); SIGTERM keeps its default, which
+    is how the pool ends idle workers."""
+    _worker["stop"] = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _run(train, run_cfg):
@@ -98,7 +101,7 @@ def _run(train, run_cfg):
     history = finished(run_cfg)
     if history is not None:
         return history
-    if _worker["stopped"] or getattr(_worker["interruption"], "signal", None):
+    if _worker["stopped"] or (_worker["stop"] is not None and _worker["stop"].is_set()):
         return "interrupted"
     if run_cfg.num_threads:
         torch.set_num_threads(run_cfg.num_threads)
@@ -113,11 +116,16 @@ def _run(train, run_cfg):
             return None
 
 
-def _pass_on(signum, first):
-    """The main process's signal, passed on to the workers: SIGUSR1 asks each to stop after its step (a Ctrl-C reaches
+def _pass_on(stop):
+    """The main process's signal handler's forward (checkpoints.Interruption): the first signal sets `stop` (no new run
+    starts) and sends SIGUSR1 to the workers, which asks a run in progress to stop after its step (a Ctrl-C reaches
     them too; SIGUSR1 never counts as a second signal); a second signal kills them, as the main process exits."""
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGUSR1 if first else signal.SIGKILL)
+    def forward(signum, first):
+        if first:
+            stop.set()
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGUSR1 if first else signal.SIGKILL)
+    return forward
 
 
 def _prepare(score, run_cfg):
@@ -156,13 +164,17 @@ def compare(cfg, train, score):
         # The teacher is trained and cached here, then each seed's student init by one worker, then the runs share
         # them (two workers never train the same model at once).
         models.load_models(cfg, *math_data.load_run_splits(cfg), score=score)
-        with checkpoints.Interruption(forward=_pass_on) as interruption, \
-                multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        stop = spawn.Event()
+        with checkpoints.Interruption(forward=_pass_on(stop)) as interruption, \
+                spawn.Pool(workers, initializer=_start_worker, initargs=(stop,)) as pool:
             pool.map(functools.partial(_prepare, score), [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(functools.partial(_run, train), configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
-        if interruption.signal or "interrupted" in [h for h in runs.values() if isinstance(h, str)]:
-            raise checkpoints.Interrupted(interruption.signal or signal.SIGTERM, None, None)
+        signalled = interruption.signal
+        del stop, interruption  # the Event's semaphore is freed here (an exit holding it warns of a leak)
+        if signalled or "interrupted" in [h for h in runs.values() if isinstance(h, str)]:
+            raise checkpoints.Interrupted(signalled or signal.SIGTERM, None, None)
         for key, history in runs.items():
             if history is None:
                 said = (Path(configs[key].out_dir) / "progress.log").read_text().strip().splitlines() or ["?"]

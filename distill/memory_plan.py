@@ -18,8 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from distill import fast, synthetic_task
-from distill.config import die
+from distill import fast, models, synthetic_task
 
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
@@ -72,13 +71,14 @@ def model_config(name, cfg, key):
         layers, hidden = ((cfg.student_layers, cfg.student_hidden) if key == "student"
                           else (cfg.teacher_layers, cfg.teacher_hidden))
         return synthetic_task.tiny_qwen3(tokenizer, layers, hidden, seed=0).config, "embedded task"
+    load = lambda path, local: AutoConfig.from_pretrained(path, local_files_only=local,
+                                                         trust_remote_code=cfg.trust_remote_code)
     builtin = builtin_qwen3(name)
-    try:  # local folder, or the hub cache; only then the network (a built-in shape needs neither)
-        return AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=builtin is not None,
-                                          trust_remote_code=cfg.trust_remote_code), "config.json"
-    except (OSError, ValueError) as error:
-        if builtin is None:
-            die(f"{key}: cannot read the config of {name!r}: {str(error).splitlines()[0]}")
+    if builtin is None:  # a local folder, or the hub cache; only then the hub (models.load_named)
+        return models.load_named(key, name, load, "the config of "), "config.json"
+    try:  # a built-in shape needs no network
+        return load(os.path.expanduser(name), True), "config.json"
+    except (OSError, ValueError):
         return builtin, "built-in Qwen3 shape"
 
 

@@ -217,13 +217,10 @@ def weights_fingerprint(source):
     WEIGHT_SUFFIXES); a hub name is hub:<name>@<commit>, the commit its config.json resolves to now."""
     _, path = source
     folder = Path(os.path.expanduser(path))
-    if not folder.is_dir():
+    if not folder.is_dir():  # the local cache first, then the hub (models.load_named)
         from huggingface_hub import hf_hub_download
-        try:
-            config = hf_hub_download(path, "config.json")
-        except (OSError, ValueError) as error:
-            die(f"--model: cannot resolve {path!r} on the hub: "
-                f"{(str(error).splitlines() or [type(error).__name__])[0]}")
+        config = models.load_named("--model", path, lambda name, local: hf_hub_download(
+            name, "config.json", local_files_only=local), "the config of ")
         return f"hub:{path}@{Path(config).parent.name}"  # the snapshot folder is named by its commit
     files = sorted(f for f in folder.iterdir() if f.is_file())
     files = [f for f in files if f.suffix in WEIGHT_SUFFIXES] or files

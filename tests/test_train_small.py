@@ -336,7 +336,8 @@ def test_an_interrupted_overwrite_is_finished_by_the_next(tmp_path):
 def interrupted_run(command, out, *signals, rows=2):
     """train_small.py with `command`, sent `signals` (at once, in order) when metrics.jsonl holds `rows` rows; the
     CompletedProcess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRB_LAUNCH"},  # run.sh's name for itself: not here
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen([sys.executable, str(ROOT / "train_small.py"), *command], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

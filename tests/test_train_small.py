@@ -169,6 +169,24 @@ def test_compare_relaunch_stops_at_once_and_resume_reads_finished_runs_back(cach
     assert runs(folder_state(out)) == runs(before)
 
 
+def test_a_signal_stops_a_comparison_and_resume_finishes_it(cache_dir, tmp_path):
+    """SIGINT to a comparison's main process, two runs at a time: it passes the signal on, each run in progress saves
+    a checkpoint, no new run starts, and one line gives the resume command (exit 130; the main process ends only once
+    the pool has joined its workers); that command finishes the comparison."""
+    out = tmp_path / "cmp"
+    command = tiny(cache_dir, out, "--compare=opd,trb", "--seeds=0,1", "--max_steps=40", "--eval_every=0")
+    result = interrupted_run(command, out / "opd_seed0", signal.SIGINT, rows=3)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGINT (each interrupted run saved a checkpoint in its folder); continue with: python "
+        f"train_small.py {shlex.join(command + ['--resume=true'])}")
+    assert list(out.glob("*_seed0/checkpoints/step_*")) and not (out / "comparison.json").exists()
+    assert not list(out.glob("*_seed1/metrics.jsonl"))  # not started
+    run(*command, "--resume=true")
+    methods = json.loads((out / "comparison.json").read_text())["methods"]
+    assert set(methods) == {"opd", "trb"} and all(len(m["final"]) == 2 for m in methods.values())
+
+
 def test_a_compare_run_that_stops_returns_none_from_its_worker(tmp_path, monkeypatch):
     """A run that stops with config.die in a compare worker returns None, with its line in its progress.log, instead
     of ending the worker process (the pool would then wait for its result forever)."""

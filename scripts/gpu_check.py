@@ -178,7 +178,7 @@ def main():
               f"(project packages: {carried})", ""]
     if not torch.cuda.is_available():
         (out / "report.md").write_text("\n".join(lines + ["No CUDA device: nothing was run."]) + "\n")
-        return print("\n".join(lines))
+        return print("\n".join(lines) + f"\nwrote {out / 'report.md'}")
     parts = args.parts.split(",")
     if "decode" in parts:
         status, seconds, output = part("decode", [sys.executable, "-m", "scripts.bench", "decode", "--device=cuda",
@@ -225,7 +225,7 @@ def main():
             table = [line for line in output.splitlines() if line.startswith(("vLLM engine", "  "))]
             lines += [f"## 4. engine: {status}, {seconds:.0f} s", "", "```", *table, "```", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines) + f"\nwrote {out / 'report.md'} and each part's log beside it")
 
 
 if __name__ == "__main__":

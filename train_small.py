@@ -306,6 +306,7 @@ def train(cfg, runtime=None):
 
 
 def run_training(cfg, runtime):
+    """train()'s body, with the stop signals handled: load, resume, the loop, the export and the summary."""
     started = time.time()
     if cfg.batch_size % runtime.world:  # unequal shares would mean unequal collectives, i.e. a hang
         die(f"batch_size: {cfg.batch_size} prompts do not split evenly over {runtime.world} ranks")

@@ -384,8 +384,9 @@ def test_sigterm_checkpoints_and_resume_gives_the_uninterrupted_run(cache_dir, t
     resume = f"python train_small.py {shlex.join(command + ['--resume=true'])}"
     assert last == (f"stopped by SIGTERM (at step {step}, checkpoint {out / 'checkpoints' / f'step_{step:06d}'}); "
                     f"continue with: {resume}")
-    subprocess.run(shlex.split(resume), cwd=ROOT, check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # the printed command as it stands, with this interpreter for `python` (the shell's may be another)
+    subprocess.run([sys.executable, *shlex.split(resume)[1:]], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert_same_run(uninterrupted, out)
 

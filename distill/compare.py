@@ -171,6 +171,8 @@ def compare(cfg, train, score):
             pool.map(functools.partial(_prepare, score), [configs[(methods[0], s)] for s in seeds])
             results = pool.imap(functools.partial(_run, train), configs.values())
             runs = dict(zip(configs, tqdm(results, total=len(configs), desc=f"compare ({workers} runs at a time)")))
+            pool.close()
+            pool.join()  # workers that exit by themselves free what they hold (a SIGTERM from terminate() would not)
         signalled = interruption.signal
         del stop, interruption  # the Event's semaphore is freed here (an exit holding it warns of a leak)
         if signalled or "interrupted" in [h for h in runs.values() if isinstance(h, str)]:

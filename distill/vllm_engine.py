@@ -69,6 +69,11 @@ def _model_class():
             hidden = self.student(input_ids, positions, intermediate_tensors, inputs_embeds)  # (T, Hs)
             if self.teacher is None or self.teacher_off:
                 return hidden
+            # Owned before the teacher runs. Under piecewise CUDA graphs each compiled stack hands back its last
+            # graph piece's output as a view into vLLM's global graph memory pool, and the teacher's graphs are
+            # captured next in that pool: replaying them can overwrite the student's output (vLLM pull request 22282,
+            # "module B overwrites the outputs returned by module A"). A copy costs T x Hs, one row per token.
+            hidden = hidden.clone()
             return torch.cat([hidden, self.teacher(input_ids, positions)], dim=-1)  # (T, Hs + Ht)
 
         def _head(self, model, hidden):
@@ -213,6 +218,13 @@ def request_seed(generator):
     return int(torch.randint(0, 2 ** 31 - 1, (), generator=generator, device=generator.device))
 
 
+def request_seeds(seed, requests, n):
+    """The seeds of a call's requests, seed + i * n for request i: vLLM samples request i's n completions with seeds
+    s_i + j, j < n (vllm/v1/engine/parallel_sampling.py), so these never repeat across a call's requests and samples
+    (seed + i would give request i's sample 1 the seed of request i + 1's sample 0: correlated completions)."""
+    return [seed + i * n for i in range(requests)]
+
+
 class Engine:
     """
     The vLLM engine of one run, a decoder with evaluation.HFDecoder's interface: created from the HF student and teacher
@@ -243,8 +255,10 @@ class Engine:
         max_len = self.cfg.max_prompt_tokens + max(self.cfg.max_new_tokens, self.cfg.eval_max_new_tokens)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         # Under torchrun: one engine per rank (tensor-parallel 1) in torchrun's own processes, as data-parallel ranks
-        # of vLLM's external launcher; each decodes its own prompts (ranks whose rows differ in length do not wait
-        # for each other: tests/test_vllm_engine.py).
+        # of vLLM's external launcher; each decodes its own prompts. The ranks do step in lockstep: every engine step
+        # all-reduces across them whether any rank has unfinished requests, and a rank whose rows are done runs dummy
+        # forwards until all are. So every rank must make the same sequence of engine calls (the trainer's hooks
+        # already make every rank decode every step and evaluation), or one would wait in that all-reduce for ever.
         distributed = dict(distributed_executor_backend="external_launcher", data_parallel_size=world) if world > 1 \
             else {}
         # CUDA graphs piecewise, around the compiled decoder stacks and not across the whole forward, so that the
@@ -307,8 +321,8 @@ class Engine:
             raise ValueError(f"engine: eps {eps} > 0 needs the teacher, which this engine no longer runs")
         self.llm.collective_rpc("trb_set_step", args=(eps, temperature or 1.0))
         params = [SamplingParams(n=n, temperature=1.0 if temperature else 0.0, max_tokens=max_new_tokens,
-                                 stop_token_ids=self.eos_ids, logprobs=0, detokenize=False, seed=seed + i)
-                  for i in range(len(prompts))]
+                                 stop_token_ids=self.eos_ids, logprobs=0, detokenize=False, seed=request)
+                  for request in request_seeds(seed, len(prompts), n)]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         ids = [[list(c.token_ids) for c in out.outputs] for out in outputs]
         logprobs = [[[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] for c in out.outputs]

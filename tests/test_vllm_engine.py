@@ -265,3 +265,35 @@ def test_evaluate_with_the_engine_scores_known_answers(models_dir, benchmark_dat
         for key, result in entry["benchmarks"].items():
             assert result["n"] == 4 and result["tokens"] > 0, key
             assert (result["pass@1"] >= 0.9) if model == "teacher" else (result["pass@1"] <= 0.1), (model, key, result)
+
+
+def test_a_calls_requests_and_samples_never_share_a_seed():
+    """vLLM samples a request's n completions with seeds s + j (its ParentRequest makes the children); the seeds of a
+    call's requests leave no overlap: 5 requests of 4 samples draw 20 distinct seeds (seed + i would draw 8)."""
+    from vllm import SamplingParams
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+    seeds = []
+    for i, seed in enumerate(vllm_engine.request_seeds(123, requests=5, n=4)):
+        parent = ParentRequest(SimpleNamespace(request_id=str(i), external_req_id=str(i),
+                                               params=SamplingParams(n=4, seed=seed)))
+        seeds += [parent.get_child_info(j)[1].seed for j in range(4)]
+    assert len(seeds) == 20 and len(set(seeds)) == 20
+
+
+def test_the_students_output_is_owned_before_the_teacher_runs():
+    """The blended forward copies the student stack's output before the teacher's stack runs: a teacher that writes
+    over the buffer the student's output lives in (a CUDA graph pool replayed, as vLLM's piecewise graphs can) leaves
+    the returned student half as the student computed it, in storage of its own."""
+    model_class = vllm_engine._model_class()
+    model = model_class.__new__(model_class)
+    torch.nn.Module.__init__(model)
+    pool = torch.arange(6.0).reshape(3, 2)  # the student's output: a view into a shared buffer
+
+    def teacher(input_ids, positions):
+        pool.fill_(-1.0)  # the teacher's replay writes where the student's output lives
+        return torch.zeros(3, 1)
+
+    model.student, model.teacher, model.teacher_off = (lambda *args: pool[:, :]), teacher, False
+    out = model.forward(torch.zeros(3, dtype=torch.long), torch.arange(3))
+    assert torch.equal(out[:, :2], torch.arange(6.0).reshape(3, 2)) and out.shape == (3, 3)
+    assert out.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()

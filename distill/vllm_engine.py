@@ -127,10 +127,13 @@ class WorkerExtension:
         self.model_runner.get_model().teacher_off = True
 
     def trb_load_student(self, named_tensors):
-        """Reload the student's weights in place from (HF name, tensor) pairs."""
+        """Reload the student's weights in place from (HF name, tensor) pairs, consumed one at a time; inside the
+        engine's config context, as vLLM's own worker wraps its reload."""
+        from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
         model = self.model_runner.get_model()
-        reload_weights(self.model_runner.vllm_config, model.student, iter(named_tensors), None, True)
+        with set_current_vllm_config(self.model_runner.vllm_config):
+            reload_weights(self.model_runner.vllm_config, model.student, iter(named_tensors), None, True)
 
 
 def register():
@@ -165,6 +168,26 @@ def write_folder(folder, student_dir, teacher_dir, vocab_size, eos_ids):
 def _full(tensor):
     """A parameter's whole tensor: FSDP2 shards are DTensors (full_tensor all-gathers them, on every rank at once)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def streamed(student, dtype):
+    """The student's (HF name, full tensor in dtype) pairs, one at a time: the engine's worker runs in this process
+    (collective_rpc hands it this generator by reference), so the bf16 student is never held whole beside the engine.
+    A tied head is the embedding: it is sent as the tensor already gathered for it, not gathered again (under FSDP,
+    an all-gather of the embedding). vLLM's in-place reload rebuilds each layer's parameters, which unties its own
+    head, so the head is still sent."""
+    tied = getattr(student.config, "tie_word_embeddings", False)
+    embedding = next(f"{name}.weight" for name, module in student.named_modules()
+                     if module is student.get_input_embeddings())
+    gathered = None
+    for name, tensor in student.state_dict().items():
+        if tied and name == "lm_head.weight" and gathered is not None:
+            yield name, gathered
+            continue
+        full = _full(tensor).detach().to(dtype)
+        if tied and name == embedding:
+            gathered = full
+        yield name, full
 
 
 @torch.no_grad()
@@ -292,8 +315,7 @@ class Engine:
         """The student's current weights into the engine, in place; then the prefix cache is reset (its keys and values
         are the old student's)."""
         dtype = getattr(torch, self.dtype)
-        weights = [(name, _full(tensor).detach().to(dtype)) for name, tensor in student.state_dict().items()]
-        self.llm.collective_rpc("trb_load_student", args=(weights,))
+        self.llm.collective_rpc("trb_load_student", args=(streamed(student, dtype),))
         self.llm.reset_prefix_cache()
 
     def sleep(self):
@@ -302,7 +324,10 @@ class Engine:
             self.llm.sleep(level=1)
 
     def wake_up(self):
+        """The engine's memory back (after the update): the trainer's cached free blocks are returned to the device
+        first, or the engine's weights and KV pool would not fit beside them."""
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()
             self.llm.wake_up()
 
     @staticmethod

@@ -297,3 +297,20 @@ def test_the_students_output_is_owned_before_the_teacher_runs():
     out = model.forward(torch.zeros(3, dtype=torch.long), torch.arange(3))
     assert torch.equal(out[:, :2], torch.arange(6.0).reshape(3, 2)) and out.shape == (3, 3)
     assert out.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()
+
+
+def test_the_weight_sync_streams_and_gathers_a_tied_head_once(monkeypatch):
+    """The weights reach the engine as a generator, every state-dict name once and in order, and a tied head is the
+    embedding's tensor as gathered for it: one gather fewer (under FSDP, no second all-gather of the embedding)."""
+    import inspect
+    from distill import synthetic_task
+    model = synthetic_task.tiny_qwen3(synthetic_task.char_tokenizer(), 1, 32, seed=0)  # tied embeddings
+    gathers, full = [], vllm_engine._full
+    monkeypatch.setattr(vllm_engine, "_full", lambda tensor: gathers.append(tensor) or full(tensor))
+    pairs = vllm_engine.streamed(model, torch.bfloat16)
+    assert inspect.isgenerator(pairs) and not gathers  # nothing gathered before the engine asks
+    pairs = list(pairs)
+    assert [name for name, _ in pairs] == list(model.state_dict()) and len(gathers) == len(pairs) - 1
+    weights = dict(pairs)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    assert torch.equal(weights["lm_head.weight"], model.lm_head.weight.to(torch.bfloat16))

@@ -257,12 +257,14 @@ class Engine:
     """
     rollout_diagnostics = False
 
-    def __init__(self, cfg, student, teacher, vocab_size, eos_ids, folder, with_teacher=True, pad_token_id=None):
+    def __init__(self, cfg, student, teacher, vocab_size, eos_ids, folder, with_teacher=True, pad_token_id=None,
+                 device=None):
         register()
         self.cfg, self.vocab_size, self.eos_ids = cfg, int(vocab_size), list(eos_ids)
         self.pad_token_id = pad_token_id
         self.folder = Path(folder)
-        self.device = next(student.parameters()).device
+        # the engine's device: the student's, or (evaluate.py) a GPU that the student, kept on the CPU, never takes
+        self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.dtype = "float32" if self.device.type == "cpu" else "bfloat16"
         save_model(student, self.folder / "student")
         self.teacher_dir = _teacher_folder(cfg, teacher, self.folder) if with_teacher else None
@@ -287,10 +289,16 @@ class Engine:
         # CUDA graphs piecewise, around the compiled decoder stacks and not across the whole forward, so that the
         # forward's Python still decides whether the teacher's stack runs (drop_teacher).
         graphs = dict(compilation_config={"cudagraph_mode": "PIECEWISE"}) if cuda and self.teacher_dir else {}
-        return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
-                   enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
-                   gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
-                   worker_extension_cls="distill.vllm_engine.WorkerExtension", **distributed)
+        try:
+            return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
+                       enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
+                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
+                       worker_extension_cls="distill.vllm_engine.WorkerExtension", **distributed)
+        except ValueError as error:  # vLLM's refusal when the free memory is short of the fraction asked for
+            if "memory utilization" not in str(error):
+                raise
+            die(f"vllm_gpu_memory_utilization: vLLM cannot start with {self.cfg.vllm_gpu_memory_utilization} of the "
+                f"GPU ({str(error).splitlines()[0]}); lower it, or free the memory that something else holds")
 
     @property
     def has_teacher(self):

@@ -303,8 +303,8 @@ def pick_engine(name):
 def vllm_engine_sample(source, base, tokenizer, eos_ids, suite, args):
     """sample() on the vLLM engine holding the student alone (vllm_engine.Engine without a teacher): each call's
     prompts in one request, n samples per prompt; sample.close() shuts the engine down before the next model."""
-    device, _ = models.device_and_dtype(args)
-    model = load_model(source, base, args, torch.float32).to(device).eval()
+    device, dtype = models.device_and_dtype(args)
+    model = load_model(source, base, args, dtype).eval()  # on the CPU: the GPU is the engine's alone
     window = model.config.max_position_embeddings  # the engine's longest sequence: prompt and completion
     if window <= suite.max_new_tokens:
         die(f"--suite: max_new_tokens {suite.max_new_tokens} does not fit the model's {window} positions")
@@ -313,7 +313,8 @@ def vllm_engine_sample(source, base, tokenizer, eos_ids, suite, args):
                           vllm_cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
                           vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
     with tempfile.TemporaryDirectory(prefix="trb_eval_engine_") as folder:
-        engine = vllm_engine.Engine(cfg, model, None, len(tokenizer), eos_ids, folder, with_teacher=False)
+        engine = vllm_engine.Engine(cfg, model, None, len(tokenizer), eos_ids, folder, with_teacher=False,
+                                    device=device)
     del model
 
     def sample(prompts, n, seed):

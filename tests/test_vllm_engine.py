@@ -314,3 +314,23 @@ def test_the_weight_sync_streams_and_gathers_a_tied_head_once(monkeypatch):
     weights = dict(pairs)
     assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
     assert torch.equal(weights["lm_head.weight"], model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_vllm_refusing_its_memory_fraction_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys):
+    """When vLLM refuses to start because the GPU's free memory is short of vllm_gpu_memory_utilization (its
+    ValueError, as vllm/v1/worker/utils.py words it), the run stops with one line naming the key."""
+    import vllm
+
+    def refuse(**kwargs):
+        raise ValueError("Free memory on device cuda:0 (3.1/79.1 GiB) on startup is less than desired GPU memory "
+                         "utilization (0.9, 71.2 GiB). Decrease GPU memory utilization or reduce GPU memory used by "
+                         "other processes.")
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    cfg = SimpleNamespace(teacher="", seed=0, max_prompt_tokens=16, max_new_tokens=8, eval_max_new_tokens=8,
+                          vllm_cpu_kv_cache_gib=1, vllm_gpu_memory_utilization=0.9)
+    with pytest.raises(SystemExit) as stop:
+        vllm_engine.Engine(cfg, qwen3(64, 2, 0), None, V, EOS, tmp_path, with_teacher=False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: vllm_gpu_memory_utilization: vLLM cannot start with 0.9 of the GPU (Free memory")

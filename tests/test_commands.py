@@ -72,7 +72,7 @@ def training_args(words):
     for i, word in enumerate(words):
         if word in ("train_small.py", "train_fsdp.py"):
             return words[i + 1:]
-    if words[:1] == ["./run.sh"] and words[1:2] != ["test"]:
+    if words[:1] == ["./run.sh"] and words[1:2] not in (["test"], ["vllm-requirements"]):
         return words[1:]
     return None
 

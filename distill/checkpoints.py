@@ -69,6 +69,11 @@ def earlier_run(out_dir):
     return found
 
 
+def listed(entries):
+    """What earlier_run found, as a message shows it: the first five names."""
+    return ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+
+
 def fresh_run_refused(out_dir, resume, overwrite):
     """
     The one-line reason a run must not start in out_dir, or None. A folder is claimed by one run: a fresh run into a
@@ -81,8 +86,8 @@ def fresh_run_refused(out_dir, resume, overwrite):
     if not found or overwrite or (resume and (saved or not set(found) & set(FINISHED))):
         return None
     way = "continue it with --resume=true, or" if saved else "it has no checkpoint to continue from;"
-    return (f"out_dir: {out_dir} holds an earlier run ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); "
-            f"{way} delete it as a whole with --overwrite=true, or choose another out_dir")
+    return (f"out_dir: {out_dir} holds an earlier run ({listed(found)}); {way} delete it as a whole with "
+            f"--overwrite=true, or choose another out_dir")
 
 
 def discard_earlier_run(out_dir):

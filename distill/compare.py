@@ -147,9 +147,9 @@ def compare(cfg, train, score):
     out = Path(cfg.out_dir)
     earlier = checkpoints.earlier_run(out)  # the comparison's files and its per-run folders, checked before any run
     if earlier and not (cfg.resume or cfg.overwrite):
-        die(f"compare: out_dir: {out} holds an earlier comparison ({', '.join(earlier[:5])}"
-            f"{', ...' if len(earlier) > 5 else ''}); continue it with --resume=true (finished runs are read back, "
-            f"interrupted ones continue), delete it as a whole with --overwrite=true, or choose another out_dir")
+        die(f"compare: out_dir: {out} holds an earlier comparison ({checkpoints.listed(earlier)}); continue it with "
+            f"--resume=true (finished runs are read back, interrupted ones continue), delete it as a whole with "
+            f"--overwrite=true, or choose another out_dir")
     if cfg.overwrite and not cfg.resume:
         checkpoints.discard_earlier_run(out)
     for run_cfg in configs.values():  # before any run starts (each would refuse on its own, after others trained)
@@ -175,7 +175,7 @@ def compare(cfg, train, score):
             pool.join()  # workers that exit by themselves free what they hold (a SIGTERM from terminate() would not)
         signalled = interruption.signal
         del stop, interruption  # the Event's semaphore is freed here (an exit holding it warns of a leak)
-        if signalled or "interrupted" in [h for h in runs.values() if isinstance(h, str)]:
+        if signalled or any(history == "interrupted" for history in runs.values()):
             raise checkpoints.Interrupted(signalled or signal.SIGTERM, None, None)
         for key, history in runs.items():
             if history is None:

@@ -362,8 +362,8 @@ def load_config(argv):
         values[name] = checked(name, values[name])
     cfg = Config(**values)
     for name in ("student", "teacher", "dataset", "eval_dataset"):
-        if missing_local(getattr(cfg, name)):
-            die(f"{name}: {missing_local(getattr(cfg, name))}")
+        if problem := missing_local(getattr(cfg, name)):
+            die(f"{name}: {problem}")
     synthetic = [k for k in ("student", "teacher", "dataset") if getattr(cfg, k) == "synthetic"]
     if synthetic and len(synthetic) < 3:
         die(f"{synthetic[0]}: 'synthetic' needs student, teacher and dataset all 'synthetic'")

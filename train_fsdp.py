@@ -21,12 +21,12 @@ distributed version, and that is all the distributed training there is. Read the
 Three places in train_small.py exist for this file: the loss is scaled by the world size before backward (FSDP's
 reduce-scatter averages over ranks, so the step's token mean needs the sum), the gradient norm of DTensor gradients
 is read with full_tensor(), and evaluation pads a rank's last call with uncounted problems so that every rank makes
-the same calls. `forget_forwards` is a workaround on FSDP2's private state (checked against torch 2.13).
+the same calls. `forget_forwards` is a workaround on FSDP2's private state (checked against torch 2.13 and 2.14).
 
 Launch (same config.yaml and --key=value overrides as train_small.py; NCCL on GPUs, gloo on CPU):
     torchrun --standalone --nproc_per_node=2 train_fsdp.py --max_steps=20         # CPU smoke run (synthetic task)
     torchrun --standalone --nproc_per_node=8 train_fsdp.py --config=configs/qwen3_1.7b_from_8b.yaml  # the paper's run
-    python -m scripts.memory_plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8   # memory per GPU, no GPU
+    python train_fsdp.py --plan --config=configs/qwen3_1.7b_from_8b.yaml --world_size=8  # memory per GPU, no GPU
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=trb \
         train_fsdp.py --config=... --hsdp_shard_size=8                             # multi-node: same on every node
 
@@ -55,7 +55,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import train_small as small
-from distill import checkpoints, models
+from distill import checkpoints, memory_plan, models
 from distill.config import die, load_config
 
 
@@ -103,11 +103,13 @@ def fsdp_modules(model):
 
 def forget_forwards(model):
     """
-    A workaround on FSDP2's private state (`_get_fsdp_state()._fsdp_param_groups`, checked against torch 2.13; a new
-    torch may rename it, and tests/test_fsdp.py's bounded-record test then fails). FSDP2 records every forward of each
-    unit (its post-forward order, used to prefetch in backward) and clears the record only at the end of a backward.
-    A frozen sharded teacher never runs one, so without this its record would grow by one entry per unit at every
-    forward, every step (a slow leak and ever longer lists).
+    A workaround on FSDP2's private state (`_get_fsdp_state()._fsdp_param_groups`), checked against torch 2.13 (the
+    trainer's environment) and 2.14 (vLLM's CUDA environment): in both, FSDPParamGroup.post_forward appends the group
+    to `comm_ctx.post_forward_order` and its index to `_post_forward_indices`, and only the root's post-backward
+    callback and finalize_backward clear them. A new torch may rename these; tests/test_fsdp.py's bounded-record test
+    then fails. FSDP2 records every forward of each unit (its post-forward order, used to prefetch in backward) and
+    clears the record only at the end of a backward. A frozen sharded teacher never runs one, so without this its
+    record would grow by one entry per unit at every forward, every step (a slow leak and ever longer lists).
     """
     for m in fsdp_modules(model):
         for group in m._get_fsdp_state()._fsdp_param_groups:
@@ -301,6 +303,8 @@ class FSDP(small.SingleDevice):
 
 
 def main():
+    if "--plan" in sys.argv[1:]:
+        return print_plan([arg for arg in sys.argv[1:] if arg != "--plan"])
     cfg = load_config(sys.argv[1:])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -318,6 +322,18 @@ def main():
     close(runtime)
     if runtime.is_main:
         small.print_summary(cfg, sys.argv[1:], fsdp=True)
+
+
+def print_plan(argv):
+    """--plan: this launch's memory per GPU (memory_plan.report), the vLLM engine's fraction with it, printed without
+    training: no process group, no weights, no GPU needed (under torchrun rank 0 prints). --world_size defaults to
+    torchrun's WORLD_SIZE, else 8; --gpu_gib to this machine's GPU, else 80."""
+    gpu_gib = round(torch.cuda.get_device_properties(0).total_memory / 1024 ** 3, 1) if torch.cuda.is_available() \
+        else 80
+    options, rest = memory_plan.options(argv, world_size=int(os.environ.get("WORLD_SIZE", 8)), gpu_gib=gpu_gib)
+    cfg = load_config(rest)
+    if int(os.environ.get("RANK", "0")) == 0:
+        memory_plan.report(cfg, options["world_size"], options["gpu_gib"])
 
 
 def launch_command(world):

@@ -62,7 +62,7 @@ POLICY = one_of(*trb.BEHAVIOR_POLICIES)
 POLICIES = ((lambda v: v == "" or all(m in trb.BEHAVIOR_POLICIES for m in v.split(","))),
             "empty or comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
 SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separated integers"
-FRACTION = (lambda v: 0 < v <= 1), "in (0, 1]"
+FRACTION_OR_PLAN = (lambda v: 0 <= v <= 1), "in [0, 1] (0: from the memory plan)"
 PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
 NON_EMPTY = (lambda v: v != ""), "a non-empty path"
 
@@ -112,7 +112,8 @@ class Config:
     engine: str = key("decoder of rollouts and evaluation: hf (trb.blended_generate, the reference) or vllm "
                       "(vllm_engine.py, in the vLLM environment .venv-vllm)", one_of("hf", "vllm"))
     vllm_gpu_memory_utilization: float = key("engine vllm on a GPU: the fraction of its memory the engine takes for "
-                                             "both models' weights and its KV pool", FRACTION)
+                                             "both models' weights and its KV pool; 0 = what the memory plan leaves "
+                                             "beside the trainer, less a margin", FRACTION_OR_PLAN)
     vllm_cpu_kv_cache_gib: int = key("engine vllm on a CPU: GiB of its KV pool (VLLM_CPU_KVCACHE_SPACE)", at_least(1))
     rollout_batch_size: int = key("rows per blended_generate call (bounds the two KV caches); 0 = all rows of the "
                                   "step (of a rank, under FSDP)", at_least(0))

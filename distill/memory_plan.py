@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from distill import fast, models, synthetic_task
+from distill.config import die
 
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
@@ -36,6 +37,10 @@ LOSS_CHUNK_BUFFERS = 4
 DIAGNOSTIC_BUFFERS = 2 + SOLVER_BUFFERS + 3
 MOMENTS = ("at rest", "rollout peak", "loss forward", "loss backward", "optimizer step", "evaluation peak")
 MOMENT = "memory moment: "  # the prefix of the profiler ranges that mark the moments in a run
+# engine vllm with vllm_gpu_memory_utilization 0: the engine takes what the trainer leaves free while it decodes, less
+# this fraction of the GPU, kept for what the plan does not count: the caching allocator's fragmentation, the engine's
+# CUDA graphs and compile buffers (they stay while it sleeps) and vLLM's memory outside torch's allocator
+ENGINE_MARGIN = 0.1
 
 
 @contextmanager
@@ -245,26 +250,70 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         "prefill or step transient (one layer)": decode_transient(student, eval_rows, pad(eval_rows), P, L_eval,
                                                                   static, compiled),
     }
+    fraction, beside = cfg.vllm_gpu_memory_utilization, 0
     if cfg.engine == "vllm":  # the engine decodes: no decoding copy, caches or token rule of the HF loop
         rest.update({"student bf16 copy for decoding": 0, "solver workspace (fp32 rows x V, kept)": 0,
                      "static KV caches kept (compile)": 0})
+        # the weight sync after each step runs beside the awake engine, one parameter at a time: the largest (the
+        # embedding) gathered in fp32 under FSDP, and its bf16 copy (a tied one's kept until the head is sent)
+        sync = student.largest_param * ((FP32 if fsdp else 0) + BF16)
+        beside = sum(rest.values()) + sync  # the trainer's peak while the engine is awake
+        if not fraction:  # what the GPU leaves beside it, less the margin, in hundredths
+            fraction = max(0, int(100 * ((1 - ENGINE_MARGIN) * gpu_gib * GiB - beside) / (gpu_gib * GiB))) / 100
         # awake (rollouts, evaluation) it holds its fraction of the GPU: both models' bf16 weights (the student's
         # full copy on every rank), then its KV pool and CUDA graphs; asleep (the loss) it holds none of it
         weights = BF16 * (Ns + Nt)
         engine = {"vLLM engine: both models' weights (bf16)": weights,
-                  "vLLM engine: KV pool, graphs (rest of its fraction)": max(
-                      0, cfg.vllm_gpu_memory_utilization * gpu_gib * GiB - weights)}
+                  "vLLM engine: KV pool, graphs (rest of its fraction)": max(0, fraction * gpu_gib * GiB - weights),
+                  "weight sync: one parameter gathered": sync}
         rollout = evaluation = engine
         loss_forward["rollout diagnostics from the loss forward"] = (
             DIAGNOSTIC_BUFFERS * min(cfg.loss_chunk_size, micro_rows * cfg.max_new_tokens) * V * FP32)
     moments = dict(zip(MOMENTS, ({**rest, **extra} for extra in ({}, rollout, loss_forward, loss_backward, optimizer,
                                                                  evaluation))))
-    engine_short = cfg.engine == "vllm" and BF16 * (Ns + Nt) >= cfg.vllm_gpu_memory_utilization * gpu_gib * GiB
+    engine_short = cfg.engine == "vllm" and BF16 * (Ns + Nt) >= fraction * gpu_gib * GiB
     return {"moments": moments, "totals": {m: sum(terms.values()) for m, terms in moments.items()},
-            "engine_short": engine_short,
+            "engine_short": engine_short, "engine_fraction": fraction if cfg.engine == "vllm" else None,
+            "engine_fraction_planned": not cfg.vllm_gpu_memory_utilization, "engine_beside": beside,
             "world_size": world_size, "gpu_gib": gpu_gib, "student_params": Ns, "teacher_params": Nt,
             "rows": {"rollout": roll_rows, "micro": micro_rows, "eval": eval_rows},
             "tokens": {"prompt": P, "rollout": L_roll, "eval": L_eval}}
+
+
+def options(argv, **defaults):
+    """({name: value} of the --world_size=N and --gpu_gib=N among argv, each a positive integer, else its default;
+    the other arguments)."""
+    found, rest = dict(defaults), []
+    for arg in argv:
+        name, _, value = arg[2:].partition("=")
+        if arg.startswith("--") and name in defaults:
+            if not value.isdigit() or int(value) < 1:
+                die(f"{name}: expected a positive integer, got {value!r}")
+            found[name] = int(value)
+        else:
+            rest.append(arg)
+    return found, rest
+
+
+def report(cfg, world, gpu_gib):
+    """Prints the plan of a run of cfg on `world` GPUs of gpu_gib each (the models, the rows and tokens, the table and
+    the engine's fraction) and returns it."""
+    if cfg.batch_size * cfg.rollouts_per_prompt % world:
+        die(f"world_size: {world} does not divide the {cfg.batch_size * cfg.rollouts_per_prompt} rows of a step")
+    sources = {key: model_config(getattr(cfg, key), cfg, key) for key in ("student", "teacher")}
+    result = plan(cfg, world, gpu_gib, *(Shape(config) for config, _ in sources.values()))
+    script = "train_fsdp.py" if world > 1 else "train_small.py"
+    print(f"{script}, world size {world}: student {cfg.student} ({result['student_params'] / 1e9:.2f}B params, "
+          f"{sources['student'][1]}), teacher {cfg.teacher} ({result['teacher_params'] / 1e9:.2f}B, "
+          f"{sources['teacher'][1]})")
+    tokens = result["tokens"]
+    print(f"rows per rank: {result['rows']['rollout']} per decode call, {result['rows']['micro']} per loss "
+          f"micro-batch, {result['rows']['eval']} per evaluation call; tokens per row: {tokens['prompt']} prompt "
+          f"(max_prompt_tokens) + {cfg.max_new_tokens} new (evaluation: + {cfg.eval_max_new_tokens}); "
+          f"{cfg.cache} KV caches of {tokens['rollout']} (evaluation: {tokens['eval']}) positions"
+          + (", kept between calls (compile)" if cfg.compile else ""))
+    print(format_plan(result))
+    return result
 
 
 def format_plan(result, title=""):
@@ -284,7 +333,19 @@ def format_plan(result, title=""):
     verdict = "fits" if len(fits) == len(moments) else "does NOT fit at: " + ", ".join(
         m for m in moments if m not in fits)
     lines.append(f"{verdict} in {result['gpu_gib']} GiB per GPU (allocator fragmentation not modelled; keep ~10% free)")
-    if result.get("engine_short"):
+    if result["engine_fraction"] is not None:
+        lines.append(engine_line(result))
+    if result["engine_short"]:
         lines.append("vllm_gpu_memory_utilization is too small: both models' weights fill the engine's fraction, "
                      "leaving no KV pool")
     return "\n".join(lines)
+
+
+def engine_line(result):
+    """engine vllm: the fraction of the GPU the engine takes, and where it comes from."""
+    fraction, gpu = result["engine_fraction"], result["gpu_gib"]
+    if not result["engine_fraction_planned"]:
+        return f"vllm_gpu_memory_utilization: {fraction} of {gpu} GiB for the vLLM engine (set in the config)"
+    return (f"vllm_gpu_memory_utilization: {fraction} of {gpu} GiB for the vLLM engine (0 in the config: what the GPU "
+            f"leaves beside the trainer's {result['engine_beside'] / GiB:.1f} GiB while the engine is awake, less "
+            f"{ENGINE_MARGIN:.0%} of it)")

@@ -17,6 +17,7 @@ Weights: the student's reach the engine after every optimizer step through vLLM'
 prefix-cache reset (the cached keys and values are the old student's). Everything runs in the calling process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): no port, no serialization.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import trb
-from distill import fast
+from distill import fast, memory_plan
 from distill.config import die
 
 ARCHITECTURE = "TRBBlendForCausalLM"
@@ -292,7 +293,7 @@ class Engine:
         try:
             return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
                        enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
-                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
+                       **({"gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization} if cuda else {}),
                        worker_extension_cls="distill.vllm_engine.WorkerExtension", **distributed)
         except ValueError as error:  # vLLM's refusal when the free memory is short of the fraction asked for
             if "memory utilization" not in str(error):
@@ -394,9 +395,35 @@ def teacher_needed(cfg, step):
 
 def start(cfg, student, teacher, vocab_size, eos_ids, pad_token_id, step, rank):
     """The engine of a training run (engine: vllm) from `step` on, with the teacher only while the policy needs it;
-    its folder (the student's weights, the teacher's when it has no local folder) is written under out_dir."""
+    its folder (the student's weights, the teacher's when it has no local folder) is written under out_dir. On a GPU
+    it takes the fraction memory_fraction gives, said by rank 0."""
+    device = next(student.parameters()).device
+    if device.type == "cuda":
+        fraction, line = memory_fraction(cfg, student, teacher, torch.cuda.get_device_properties(device).total_memory)
+        cfg = dataclasses.replace(cfg, vllm_gpu_memory_utilization=fraction)
+        if rank == 0:
+            print(line, flush=True)
     return Engine(cfg, student, teacher, vocab_size, eos_ids, Path(cfg.out_dir) / "engine" / f"rank{rank}",
                   with_teacher=teacher_needed(cfg, step), pad_token_id=pad_token_id)
+
+
+def memory_fraction(cfg, student, teacher, gpu_bytes):
+    """(fraction of the GPU for the engine, the line that says where it comes from): vllm_gpu_memory_utilization, or
+    where it is 0 what the memory plan (memory_plan.plan at this run's shapes, world size and GPU) leaves beside the
+    trainer while the engine is awake, less memory_plan.ENGINE_MARGIN. Stops with one line where the fraction cannot
+    hold both models' bf16 weights."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    gpu_gib = round(gpu_bytes / memory_plan.GiB, 1)
+    result = memory_plan.plan(cfg, world, gpu_gib, memory_plan.Shape(student.config),
+                              memory_plan.Shape(teacher.config))
+    if result["engine_short"]:
+        weights = result["moments"]["rollout peak"]["vLLM engine: both models' weights (bf16)"] / memory_plan.GiB
+        source = "the memory plan's" if result["engine_fraction_planned"] else "set in the config"
+        die(f"vllm_gpu_memory_utilization: {result['engine_fraction']} of the {gpu_gib} GiB GPU ({source}) cannot "
+            f"hold both models' bf16 weights ({weights:.1f} GiB) and a KV pool beside the trainer's "
+            f"{result['engine_beside'] / memory_plan.GiB:.1f} GiB; shard the teacher (teacher_sharding: shard), "
+            f"train on more GPUs, or set the fraction by hand")
+    return result["engine_fraction"], memory_plan.engine_line(result)
 
 
 @torch.no_grad()

@@ -102,38 +102,11 @@ def main(argv):
     if any(arg in ("-h", "--help") for arg in argv):
         print(f"{__doc__.strip()}\n\nThe config keys:\n{usage().split(chr(10), 2)[2]}")
         sys.exit(0)
-    options = {"world_size": 1, "gpu_gib": 80}
-    rest = []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg == "--measure":
-            continue
-        if arg.startswith("--") and name in options:
-            if not value.isdigit() or int(value) < 1:
-                die(f"{name}: expected a positive integer, got {value!r}")
-            options[name] = int(value)
-        else:
-            rest.append(arg)
-    cfg = load_config(rest)
-    world = options["world_size"]
-    if cfg.batch_size * cfg.rollouts_per_prompt % world:
-        die(f"world_size: {world} does not divide the {cfg.batch_size * cfg.rollouts_per_prompt} rows of a step")
+    options, rest = memory_plan.options([arg for arg in argv if arg != "--measure"], world_size=1, gpu_gib=80)
+    cfg, world = load_config(rest), options["world_size"]
     if "--measure" in argv and world > 1:
         die("world_size: --measure runs train_small.py, world size 1")
-    sources = {key: memory_plan.model_config(getattr(cfg, key), cfg, key) for key in ("student", "teacher")}
-    shapes = (memory_plan.Shape(config) for config, _ in sources.values())
-    result = memory_plan.plan(cfg, world, options["gpu_gib"], *shapes)
-    script = "train_fsdp.py" if world > 1 else "train_small.py"
-    print(f"{script}, world size {world}: student {cfg.student} ({result['student_params'] / 1e9:.2f}B params, "
-          f"{sources['student'][1]}), teacher {cfg.teacher} ({result['teacher_params'] / 1e9:.2f}B, "
-          f"{sources['teacher'][1]})")
-    tokens = result["tokens"]
-    print(f"rows per rank: {result['rows']['rollout']} per decode call, {result['rows']['micro']} per loss "
-          f"micro-batch, {result['rows']['eval']} per evaluation call; tokens per row: {tokens['prompt']} prompt "
-          f"(max_prompt_tokens) + {cfg.max_new_tokens} new (evaluation: + {cfg.eval_max_new_tokens}); "
-          f"{cfg.cache} KV caches of {tokens['rollout']} (evaluation: {tokens['eval']}) positions"
-          + (", kept between calls (compile)" if cfg.compile else ""))
-    print(memory_plan.format_plan(result))
+    result = memory_plan.report(cfg, world, options["gpu_gib"])
     if "--measure" in argv:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)

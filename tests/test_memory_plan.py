@@ -10,7 +10,7 @@ import pytest
 import torch
 
 
-from distill import config, fast, memory_plan
+from distill import config, fast, memory_plan, vllm_engine
 from scripts import memory_plan as plan_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,23 +62,53 @@ def test_every_preset_fits_80_gib_at_every_moment(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_engine_holds_its_fraction_while_it_decodes_and_nothing_while_the_loss_runs(preset):
-    """With engine vllm, the rollout and evaluation peaks are the state at rest plus the engine's fraction of the GPU
-    (both models' bf16 weights, then its KV pool), with none of the HF loop's decoding terms; the loss moments hold
-    no engine memory (it sleeps); a fraction too small for both models' weights is flagged; every preset still fits
-    under 90% of 80 GiB."""
+    """With engine vllm, the rollout and evaluation peaks are the state at rest, the weight sync's one gathered
+    parameter and the engine's fraction of the GPU (both models' bf16 weights, then its KV pool), with none of the HF
+    loop's decoding terms; the loss moments hold no engine memory (it sleeps). By default (0) the fraction is what the
+    GPU leaves beside the trainer less the margin, to the hundredth, so every moment fits under 90% of 80 GiB; a
+    fraction set by hand is taken as it is, and one too small for both models' weights is flagged."""
     cfg = dataclasses.replace(config.load_config([f"--config={ROOT / 'configs' / f'{preset}.yaml'}"]), engine="vllm")
+    assert cfg.vllm_gpu_memory_utilization == 0
     result = memory_plan.plan(cfg, PRESETS[preset])
     GiB, totals, moments = memory_plan.GiB, result["totals"], result["moments"]
-    fraction = cfg.vllm_gpu_memory_utilization * 80 * GiB
-    assert totals["rollout peak"] == pytest.approx(totals["at rest"] + fraction)
+    fraction = result["engine_fraction"]
+    assert result["engine_beside"] == totals["at rest"] + moments["rollout peak"]["weight sync: one parameter gathered"]
+    room = 0.9 * 80 * GiB - result["engine_beside"]
+    assert room - 0.01 * 80 * GiB < fraction * 80 * GiB <= room
+    assert totals["rollout peak"] == pytest.approx(result["engine_beside"] + fraction * 80 * GiB)
     assert totals["evaluation peak"] == totals["rollout peak"]
     assert moments["at rest"]["student bf16 copy for decoding"] == 0
     assert not any("engine" in term for term in moments["loss backward"])
     assert moments["rollout peak"]["vLLM engine: both models' weights (bf16)"] == 2 * (
         result["student_params"] + result["teacher_params"])
     assert all(total <= 0.9 * 80 * GiB for total in totals.values()) and not result["engine_short"]
+    assert "0 in the config" in memory_plan.format_plan(result)
+    by_hand = memory_plan.plan(dataclasses.replace(cfg, vllm_gpu_memory_utilization=0.3), PRESETS[preset])
+    assert by_hand["engine_fraction"] == 0.3 and "set in the config" in memory_plan.format_plan(by_hand)
     assert memory_plan.plan(dataclasses.replace(cfg, vllm_gpu_memory_utilization=0.05), PRESETS[preset])[
         "engine_short"]
+
+
+def test_a_run_on_a_gpu_gives_the_engine_the_plans_fraction_or_stops_in_one_line(capsys):
+    """vllm_engine.memory_fraction, which a training run on a GPU calls before the engine starts, plans at the run's
+    own model shapes and GPU size: the default (0) gives the plan's fraction with a line that says where it comes
+    from, a fraction set by hand is kept, and a GPU too small for both models' weights beside the trainer stops the
+    run with one line naming the key."""
+    from transformers import Qwen3ForCausalLM
+    cfg = dataclasses.replace(config.load_config([]), engine="vllm")
+    student, teacher = Qwen3ForCausalLM(tiny_qwen3_config(True)), Qwen3ForCausalLM(tiny_qwen3_config(False))
+    shapes = memory_plan.Shape(student.config), memory_plan.Shape(teacher.config)
+    fraction, line = vllm_engine.memory_fraction(cfg, student, teacher, 8 * memory_plan.GiB)
+    assert fraction == memory_plan.plan(cfg, 1, 8.0, *shapes)["engine_fraction"] and 0.5 < fraction < 0.9
+    assert line.startswith(f"vllm_gpu_memory_utilization: {fraction} of 8.0 GiB") and "0 in the config" in line
+    by_hand = dataclasses.replace(cfg, vllm_gpu_memory_utilization=0.4)
+    assert vllm_engine.memory_fraction(by_hand, student, teacher, 8 * memory_plan.GiB)[0] == 0.4
+    with pytest.raises(SystemExit) as stop:
+        vllm_engine.memory_fraction(cfg, student, teacher, memory_plan.CUDA_CONTEXT)  # the context fills it
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: vllm_gpu_memory_utilization: 0.0 of the 2.0 GiB GPU (the memory plan's) cannot "
+                             "hold both models'")
 
 
 def test_sharding_divides_the_students_state_and_checkpointing_cuts_activations():
@@ -189,3 +219,19 @@ def test_plan_bounds_the_measured_peaks_of_a_reduced_qwen3_run(reduced_qwen3, tm
         assert 0.99 * value <= plan[m] <= 1.25 * value, (m, value / MiB, plan[m] / MiB)
         above, planned_above = value - measured["at rest"], plan[m] - plan["at rest"]
         assert above - MiB <= planned_above <= 2.5 * above + MiB, (m, above / MiB, planned_above / MiB)
+
+
+def test_train_fsdp_plan_prints_the_plan_and_the_engines_fraction_without_training(monkeypatch, capsys):
+    """`python train_fsdp.py --plan` prints the memory plan of the launch it is given (world size from --world_size,
+    else torchrun's WORLD_SIZE) with the vLLM engine's fraction, and starts nothing: no process group."""
+    import train_fsdp
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(sys, "argv", ["train_fsdp.py", "--plan", "--engine=vllm",
+                                      f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}"])
+    train_fsdp.main()
+    shown = capsys.readouterr().out
+    cfg = config.load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}", "--engine=vllm"])
+    fraction = memory_plan.plan(cfg, 8)["engine_fraction"]
+    assert shown.startswith("train_fsdp.py, world size 8: student Qwen/Qwen3-1.7B-Base")
+    assert f"vllm_gpu_memory_utilization: {fraction} of 80 GiB" in shown and "fits in 80 GiB" in shown
+    assert not torch.distributed.is_initialized()

@@ -259,7 +259,7 @@ class Engine:
     rollout_diagnostics = False
 
     def __init__(self, cfg, student, teacher, vocab_size, eos_ids, folder, with_teacher=True, pad_token_id=None,
-                 device=None):
+                 device=None, eager=False):
         register()
         self.cfg, self.vocab_size, self.eos_ids = cfg, int(vocab_size), list(eos_ids)
         self.pad_token_id = pad_token_id
@@ -267,6 +267,7 @@ class Engine:
         # the engine's device: the student's, or (evaluate.py) a GPU that the student, kept on the CPU, never takes
         self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.dtype = "float32" if self.device.type == "cpu" else "bfloat16"
+        self.eager = eager or self.device.type == "cpu"  # eager: no torch.compile, no CUDA graphs (gpu_check's control)
         save_model(student, self.folder / "student")
         self.teacher_dir = _teacher_folder(cfg, teacher, self.folder) if with_teacher else None
         self.teacher_on = with_teacher
@@ -289,10 +290,11 @@ class Engine:
             else {}
         # CUDA graphs piecewise, around the compiled decoder stacks and not across the whole forward, so that the
         # forward's Python still decides whether the teacher's stack runs (drop_teacher).
-        graphs = dict(compilation_config={"cudagraph_mode": "PIECEWISE"}) if cuda and self.teacher_dir else {}
+        graphs = dict(compilation_config={"cudagraph_mode": "PIECEWISE"}) if not self.eager and self.teacher_dir \
+            else {}
         try:
             return LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.dtype, seed=self.cfg.seed,
-                       enforce_eager=not cuda, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
+                       enforce_eager=self.eager, max_model_len=max_len, enable_sleep_mode=cuda, **graphs,
                        **({"gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization} if cuda else {}),
                        worker_extension_cls="distill.vllm_engine.WorkerExtension", **distributed)
         except ValueError as error:  # vLLM's refusal when the free memory is short of the fraction asked for

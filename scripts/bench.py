@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import trb
 from distill import evaluation, fast, memory_plan, models, vllm_engine
+from distill.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the child processes run `python -m scripts.bench` from here
 
@@ -316,28 +318,36 @@ def bench_decode(args):
 
 def bench_engine(args):
     """
-    Rollout tokens/s of the vLLM engine (vllm_engine.Engine) against blended_generate with a static cache, side by
-    side on the same prompts and weights: at eps = 0.02 (both models, the blend solved per token) and with the
-    teacher's stack off (the student alone, as after TRB's warmup). No stop ids, so every row decodes N tokens in
-    both. Needs the vLLM environment (.venv-vllm).
+    Rollout tokens/s of the vLLM engine (vllm_engine.Engine) against blended_generate with a static cache, on the same
+    prompts and weights, one after the other: the HF loop first, in calls of --hf_rows rows of --hf_new_tokens tokens
+    (by default all rows and N; on a GPU, 64 rows' static caches at 1.7B <- 8B do not fit beside the two models, so
+    gpu_check decodes 16 rows per call, the preset's rollout_batch_size, whose rate is the loop's for any multiple of
+    16 rows), then its caches are freed and both models moved to host memory, and the engine decodes all rows in one
+    call in the fraction of the GPU --engine_fraction gives it (default: what train_fsdp.py gives it in the 1.7B <- 8B
+    preset on 8 GPUs of this size, memory_plan). At eps = 0.02 (both models, the blend solved per token) and with the
+    teacher's stack off (the student alone, as after TRB's warmup). No stop ids, so every row decodes its tokens.
+    First, with --tokens_out, the engine's greedy tokens at eps 0.5 (engine_greedy). --eager: an engine without
+    torch.compile or CUDA graphs, its greedy tokens only (gpu_check compares the two token for token). Needs the vLLM
+    environment (.venv-vllm).
     """
     import tempfile
-    from pathlib import Path
-    from types import SimpleNamespace
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     s_name, t_name = args.pairs.split(",")[0].split(":")
-    student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
+    if args.models:  # gpu_check's folders: the engine reads the teacher's weights where they are
+        from transformers import AutoModelForCausalLM
+        s_name, t_name = "student", "teacher"
+        student, teacher = (AutoModelForCausalLM.from_pretrained(Path(args.models) / name, dtype=dtype).to(device)
+                            for name in (s_name, t_name))
+        teacher_dir = Path(args.models) / "teacher"
+    else:
+        student, teacher = decode_model(s_name, device, dtype, 1), decode_model(t_name, device, dtype, 2)
+        teacher_dir = None
     V, P = student.config.vocab_size, args.prompt_tokens
     B, N = int(args.batch.split(",")[-1]), int(args.new_tokens.split(",")[-1])
+    rows, hf_tokens = args.hf_rows or B, args.hf_new_tokens or N
     g = torch.Generator(device).manual_seed(0)
     ids = torch.randint(0, V, (B, P), generator=g, device=device)
     mask = torch.ones_like(ids)
-    folder = Path(tempfile.mkdtemp(prefix="trb_bench_engine_"))
-    vllm_engine.save_model(teacher, folder / "teacher_src")
-    cfg = SimpleNamespace(teacher=str(folder / "teacher_src"), seed=0, max_prompt_tokens=P, max_new_tokens=N,
-                          eval_max_new_tokens=N, vllm_cpu_kv_cache_gib=2, vllm_gpu_memory_utilization=0.5)
-    engine = vllm_engine.Engine(cfg, student, teacher, V, [], folder / "run")
-    decoding = fast.Decoding(cache="static")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn):
@@ -347,29 +357,73 @@ def bench_engine(args):
         sync()
         return tokens / (time.perf_counter() - start)
 
-    def ours(eps):
-        teacher_model = teacher if eps > 0 else None
-        rollout = trb.blended_generate(student, teacher_model, ids, mask, eps=eps, max_new_tokens=N,
-                                       generator=torch.Generator(device).manual_seed(0), decoding=decoding)
+    def ours(eps, n):
+        decoding = fast.Decoding(cache="static")
+        rollout = trb.blended_generate(student, teacher if eps > 0 else None, ids[:rows], mask[:rows], eps=eps,
+                                       max_new_tokens=n, generator=torch.Generator(device).manual_seed(0),
+                                       decoding=decoding)
         return int(rollout.completion_mask.sum())
 
-    def theirs(eps):
-        rollout = engine.rollouts(ids, mask, eps=eps, temperature=1.0, max_new_tokens=N,
-                                  generator=torch.Generator(device).manual_seed(0))
-        return int(rollout.completion_mask.sum())
-
+    labels = (("eps=0.02, both models", 0.02), ("teacher off, student alone", 0.0))
+    hf = {}
+    if not args.eager:
+        for label, eps in labels:
+            ours(eps, 8)  # warm-up: kernels and allocator
+            hf[label] = statistics.median(timed(lambda: ours(eps, hf_tokens)) for _ in range(args.runs))
+    student, teacher = student.cpu(), teacher.cpu()  # the GPU is the engine's
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        gpu_gib = round(torch.cuda.get_device_properties(device).total_memory / memory_plan.GiB, 1)
+        preset = load_config([f"--config={ROOT / 'configs' / 'qwen3_1.7b_from_8b.yaml'}", "--engine=vllm"])
+        fraction = args.engine_fraction or memory_plan.plan(preset, 8, gpu_gib)["engine_fraction"]
+        free_before = torch.cuda.mem_get_info()[0]
+    else:
+        fraction = args.engine_fraction or 0.5
+    folder = Path(tempfile.mkdtemp(prefix="trb_bench_engine_"))
+    if teacher_dir is None:
+        teacher_dir = folder / "teacher_src"
+        vllm_engine.save_model(teacher, teacher_dir)
+    cfg = SimpleNamespace(teacher=str(teacher_dir), seed=0, max_prompt_tokens=max(P, GREEDY[1]),
+                          max_new_tokens=max(N, GREEDY[2]), eval_max_new_tokens=N, vllm_cpu_kv_cache_gib=2,
+                          vllm_gpu_memory_utilization=fraction)
+    engine = vllm_engine.Engine(cfg, student, teacher, V, [], folder / "run", device=device, eager=args.eager)
     where = args.device + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
-    print(f"vLLM engine vs blended_generate (static cache), {s_name} <- {t_name}, {where}, {args.dtype}, B={B}, "
-          f"prompt {P}, {N} new tokens, temperature 1; tokens/s, medians of {args.runs} interleaved runs")
-    for label, eps in (("eps=0.02, both models", 0.02), ("teacher off, student alone", 0.0)):
-        if eps == 0:
-            engine.drop_teacher()
-        ours(eps), theirs(eps)  # warm-up
-        rates = [(timed(lambda: ours(eps)), timed(lambda: theirs(eps))) for _ in range(args.runs)]
-        hf, vl = (statistics.median(r[i] for r in rates) for i in (0, 1))
-        print(f"  {label:28s} engine {vl:9.0f} tok/s   HF loop {hf:9.0f} tok/s   engine/HF {vl / hf:5.2f}x   "
-              f"runs {[round(r[1] / r[0], 2) for r in rates]}", flush=True)
+    kind = "eager (no compile, no CUDA graphs)" if args.eager else "compiled, CUDA graphs"
+    if device.type == "cuda":
+        taken = (free_before - torch.cuda.mem_get_info()[0]) / memory_plan.GiB
+        print(f"vLLM engine memory: {taken:.1f} GiB of the GPU taken by its start, {kind}; its fraction "
+              f"{fraction} of {gpu_gib} GiB is {fraction * gpu_gib:.1f} GiB")
+    if args.tokens_out:
+        tokens = engine_greedy(engine, V)
+        Path(args.tokens_out).write_text(json.dumps(tokens))
+        print(f"greedy tokens at eps 0.5 ({kind}): {len(tokens)} rows, written to {args.tokens_out}")
+    if not args.eager:
+        print(f"vLLM engine vs blended_generate (static cache), {s_name} <- {t_name}, {where}, {args.dtype}, "
+              f"prompt {P}, temperature 1; engine: {B} rows x {N} new tokens in one call; HF loop: {rows} rows x "
+              f"{hf_tokens} new tokens per call; tokens/s, medians of {args.runs} runs")
+        for label, eps in labels:
+            if eps == 0:
+                engine.drop_teacher()
+            theirs = lambda n: int(engine.rollouts(ids.cpu(), mask.cpu(), eps=eps, temperature=1.0, max_new_tokens=n,
+                                                   generator=torch.Generator().manual_seed(0)).completion_mask.sum())
+            theirs(8)  # warm-up
+            vl = statistics.median(timed(lambda: theirs(N)) for _ in range(args.runs))
+            print(f"  {label:28s} engine {vl:9.0f} tok/s   HF loop {hf[label]:9.0f} tok/s   engine/HF "
+                  f"{vl / hf[label]:5.2f}x", flush=True)
     engine.close()
+
+
+GREEDY = (16, 64, 128)  # engine_greedy's rows, prompt tokens and new tokens
+
+
+def engine_greedy(engine, V):
+    """The engine's greedy completions at eps 0.5 of GREEDY's random prompts (seed 0): the tokens gpu_check compares
+    between an engine with CUDA graphs and an eager one. A graph that handed the teacher's stack memory still holding
+    the student's last hidden states would change them from the first token on."""
+    rows, prompt_tokens, new_tokens = GREEDY
+    prompts = torch.randint(0, V, (rows, prompt_tokens), generator=torch.Generator().manual_seed(0)).tolist()
+    ids, _ = engine.generate(prompts, eps=0.5, temperature=0.0, max_new_tokens=new_tokens)
+    return [completions[0] for completions in ids]
 
 
 def main():
@@ -390,6 +444,16 @@ def main():
     decode.add_argument("--prompt_tokens", type=int, default=128)
     decode.add_argument("--settings", default="eager,static,compiled", help="eager (DynamicCache), static "
                         "(StaticCache), compiled (StaticCache and torch.compile)")
+    engine = parser.add_argument_group("engine (python -m scripts.bench engine, in .venv-vllm)")
+    engine.add_argument("--hf_rows", type=int, default=0, help="rows per HF loop call (default: all of --batch)")
+    engine.add_argument("--hf_new_tokens", type=int, default=0, help="HF loop tokens per row (default: --new_tokens)")
+    engine.add_argument("--engine_fraction", type=float, default=0, help="the engine's fraction of the GPU (default: "
+                        "train_fsdp.py's in the 1.7B <- 8B preset on 8 GPUs)")
+    engine.add_argument("--eager", action="store_true", help="an engine without torch.compile or CUDA graphs; its "
+                        "greedy tokens only")
+    engine.add_argument("--models", default="", help="a folder with student/ and teacher/ model folders in place of "
+                        "--pairs' random weights")
+    engine.add_argument("--tokens_out", default="", help="write the engine's greedy tokens at eps 0.5 to this JSON file")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.which = args.which or (["decode"] if cuda else ["solve", "memory", "sampler"])

@@ -334,3 +334,21 @@ def test_vllm_refusing_its_memory_fraction_is_one_line_naming_the_key(tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1
     assert lines[0].startswith("error: vllm_gpu_memory_utilization: vLLM cannot start with 0.9 of the GPU (Free memory")
+
+
+def test_the_engine_benchmark_runs_and_writes_the_greedy_tokens_gpu_check_compares(tmp_path):
+    """`python -m scripts.bench engine` at tiny CPU shapes: the HF loop in calls of --hf_rows, then the engine on the
+    same prompts, both rates printed; --tokens_out writes the engine's greedy tokens at eps 0.5, which an --eager run
+    (the engine gpu_check compares against) reproduces token for token here (on a CPU both are eager)."""
+    run = lambda *extra: subprocess.run(
+        [sys.executable, "-m", "scripts.bench", "engine", "--pairs=tiny:small", "--batch=4", "--new_tokens=8",
+         "--hf_rows=2", "--prompt_tokens=16", "--runs=1", *extra], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    graphs, eager = run(f"--tokens_out={tmp_path / 'graphs.json'}"), run("--eager", f"--tokens_out={tmp_path / 'eager.json'}")
+    assert graphs.returncode == 0 and eager.returncode == 0, graphs.stderr[-2000:] + eager.stderr[-2000:]
+    rates = [line for line in graphs.stdout.splitlines() if "engine/HF" in line]
+    assert len(rates) == 2 and "HF loop: 2 rows x 8 new tokens per call" in graphs.stdout
+    assert "engine/HF" not in eager.stdout
+    tokens = json.loads((tmp_path / "graphs.json").read_text())
+    assert len(tokens) == 16 and all(len(row) == 128 for row in tokens)
+    assert tokens == json.loads((tmp_path / "eager.json").read_text())

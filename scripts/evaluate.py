@@ -459,6 +459,8 @@ def main(argv=None):
         die("--compile: true needs --cache=static")
     if args.batch_size < 1:
         die(f"--batch_size: must be >= 1, got {args.batch_size}")
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        die(f"--vllm_gpu_memory_utilization: must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     suite = load_suite(args.suite)

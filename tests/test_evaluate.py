@@ -302,10 +302,12 @@ def test_the_weights_fingerprint_follows_the_weight_files_and_the_hub_commit(tmp
     (["--run=/no/such/run"], "error: --model or --run: give exactly one"),
     (["SUITE_WITHOUT_N"], "SUITE.yaml: benchmarks.math500.n: missing"),
     (["SUITE_BAD_FIELD"], "error: --data math500: no field 'problem' in"),
+    (["--vllm_gpu_memory_utilization=0"], "error: --vllm_gpu_memory_utilization: must be in (0, 1], got 0.0"),
 ])
 def test_bad_arguments_and_suites_are_one_line(models_dir, benchmark_data, tmp_path, capsys, args, expected):
     """vLLM without its environment, an unknown or missing local dataset, --model with --run, a suite without a
-    benchmark's n and a dataset without the suite's question field each stop with one line."""
+    benchmark's n, a dataset without the suite's question field and an engine fraction outside (0, 1] each stop with
+    one line."""
     suite = suite_file(tmp_path / "SUITE.yaml", ["math500"])
     argv = [f"--suite={suite}", f"--model={models_dir / 'teacher'}"] + [a for a in args if not a.startswith("SUITE")]
     if args == ["SUITE_WITHOUT_N"]:

@@ -235,7 +235,7 @@ class FSDP(small.SingleDevice):
     # of AdamW's state) + state.json (step; the data position follows it) + rng_rank<r>.pt. Written to
     # .tmp-step_XXXXXX and renamed by rank 0 after a barrier, so an interrupted save is never picked up.
 
-    def save_checkpoint(self, out_dir, step, student, optimizer, generator, keep):
+    def save_checkpoint(self, out_dir, step, student, optimizer, keep):
         """Every rank writes its shards and RNG states; rank 0 completes the folder and removes all but the newest
         `keep` checkpoints."""
         final = checkpoints.checkpoint_path(out_dir, step)
@@ -246,8 +246,8 @@ class FSDP(small.SingleDevice):
         model_state, optimizer_state = get_state_dict(student, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                    "sampler_rng": generator.get_state()}, tmp / f"rng_rank{self.rank}.pt")
+        torch.save({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                   tmp / f"rng_rank{self.rank}.pt")
         dist.barrier()  # every rank's shards are on disk
         if self.is_main:
             (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": self.world}))
@@ -256,10 +256,11 @@ class FSDP(small.SingleDevice):
             checkpoints.remove_older_checkpoints(out_dir, step, keep)
         dist.barrier()
 
-    def load_checkpoint(self, path, student, optimizer, generator, cfg):
+    def load_checkpoint(self, path, student, optimizer, cfg):
         """
         Restores the sharded student and optimizer (DCP reshards them if the world size changed) and returns the
-        step. RNG states are restored when the world size is the same; otherwise the sampler keeps its fresh seed.
+        step. The global RNG states are restored when the world size is the same (the rollout sampler needs none:
+        each step's is seeded by seed, step and rank).
         A checkpoint that cannot be loaded raises on every rank at the same point, so that all ranks fall back to the
         one before together (checkpoints.resume_from): the small files are read first and the ranks agree on them
         before DCP's collectives start, and DCP itself gathers each rank's read errors and raises on all of them.
@@ -285,7 +286,6 @@ class FSDP(small.SingleDevice):
         if rng is not None:
             torch.set_rng_state(rng["torch_rng"])
             random.setstate(rng["python_rng"])
-            generator.set_state(rng["sampler_rng"])
         return meta["step"]
 
     def export(self, student, tokenizer, path, eos_ids):

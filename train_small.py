@@ -21,6 +21,7 @@ held-out pass@1, the shown problems), checkpoints.py (atomic checkpoints, relaun
 tracking.py (report_to), synthetic_task.py (the embedded offline task and its cached teacher and student),
 compare.py (--compare over seeds). The commands besides training are in scripts/ (python -m scripts.evaluate, ...).
 """
+import hashlib
 import json
 import math
 import os
@@ -120,11 +121,11 @@ class SingleDevice:
         """The output embedding's rows of the shared vocabulary, as chunked_opd_loss reads them."""
         return model.get_output_embeddings().weight[:V]
 
-    def save_checkpoint(self, out_dir, step, student, optimizer, generator, keep):
-        checkpoints.save_checkpoint(out_dir, step, student, optimizer, generator, keep)
+    def save_checkpoint(self, out_dir, step, student, optimizer, keep):
+        checkpoints.save_checkpoint(out_dir, step, student, optimizer, keep)
 
-    def load_checkpoint(self, path, student, optimizer, generator, cfg):
-        return checkpoints.load_checkpoint(path, student, optimizer, generator, cfg.trust_remote_code)
+    def load_checkpoint(self, path, student, optimizer, cfg):
+        return checkpoints.load_checkpoint(path, student, optimizer, cfg.trust_remote_code)
 
     def close_decoder(self, decoder):
         """Frees the run's decoder once training is done (FSDP: later, with the process group)."""
@@ -197,17 +198,27 @@ def teacher_view_sums(teacher_logits, tokens, mask):
 @dataclass
 class Run:
     """What a training step and an evaluation read: the config and the hooks (SingleDevice, or train_fsdp.FSDP), the
-    models and their tokenizer, the optimizer, the rollout sampler's generator, the stop ids, and the decoder of
-    rollouts and evaluation (evaluation.HFDecoder, or the vLLM engine)."""
+    models and their tokenizer, the optimizer, the stop ids, and the decoder of rollouts and evaluation
+    (evaluation.HFDecoder, or the vLLM engine)."""
     cfg: object
     runtime: SingleDevice
     tokenizer: object
     student: torch.nn.Module
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator
     eos_ids: list
     decoder: object = None
+
+
+def rollout_generator(seed, step, rank, device):
+    """
+    The rollout sampler of one step, seeded by (seed, step, rank) alone: two methods of one seed draw the same noise
+    at every step wherever their models agree (a generator run on across steps would drift apart after the first
+    rollout of a different length), and a resumed run draws exactly what an uninterrupted one does with no sampler
+    state in its checkpoints.
+    """
+    key = hashlib.blake2b(f"rollouts/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(key, "little"))
 
 
 def train_step(run, questions, step):
@@ -228,7 +239,8 @@ def train_step(run, questions, step):
     # 1) rollouts from the behavior policy (the teacher decodes in lockstep only when the policy needs it)
     student.eval()
     with memory_plan.moment("rollout peak"):
-        rollout = decoder.rollouts(input_ids, prompt_mask, run.generator, **kwargs)
+        rollout = decoder.rollouts(input_ids, prompt_mask, rollout_generator(cfg.seed, step, runtime.rank, device),
+                                   **kwargs)
     decoder.sleep()  # a GPU's engine memory is free while the loss runs
     mask = torch.cat([prompt_mask, rollout.completion_mask.long()], 1)  # (B, P+N)
     stats = evaluation.rollout_stats(rollout)
@@ -315,9 +327,8 @@ def run_training(cfg, runtime):
     found = checkpoints.checkpoints_to_resume(cfg, runtime)  # before any model loads: a relaunch may stop here
     tokenizer, train_split, held_out, student, teacher, teacher_scores = load(cfg, runtime)
     eos_ids = models.stop_token_ids(tokenizer, student, teacher)
-    generator = torch.Generator(next(student.parameters()).device).manual_seed(cfg.seed + runtime.rank)  # rollouts'
-    run = Run(cfg, runtime, tokenizer, student, teacher, make_optimizer(student, cfg), generator, eos_ids)
-    checkpoint, start = checkpoints.resume_from(found, student, run.optimizer, generator, cfg, runtime)
+    run = Run(cfg, runtime, tokenizer, student, teacher, make_optimizer(student, cfg), eos_ids)
+    checkpoint, start = checkpoints.resume_from(found, student, run.optimizer, cfg, runtime)
     if runtime.interrupted():  # during loading: nothing new to save
         raise checkpoints.Interrupted(runtime.interrupted(), start, checkpoint)
     log = checkpoints.RunLog(cfg.out_dir, start, resumed=checkpoint is not None, write=runtime.is_main, cfg=cfg)
@@ -342,8 +353,7 @@ def run_training(cfg, runtime):
         bar.set_postfix(loss=f"{row['loss']:.3f}", eps=f"{row['eps']:.3f}", beta=f"{row['beta']:.3f}")
         stopping = runtime.interrupted() if row["step"] < cfg.max_steps else None  # the last step finishes the run
         if stopping or (cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0):
-            runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, run.optimizer, generator,
-                                    cfg.keep_checkpoints)
+            runtime.save_checkpoint(Path(cfg.out_dir), row["step"], student, run.optimizer, cfg.keep_checkpoints)
         if stopping:
             bar.close()
             log.close()

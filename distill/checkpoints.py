@@ -139,18 +139,18 @@ def rewrite_log(path, rows):
     write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def save_checkpoint(out_dir, step, student, optimizer, generator, keep):
-    """Single device: the student (safetensors), AdamW's state, the step and every RNG state; only the newest `keep`
+def save_checkpoint(out_dir, step, student, optimizer, keep):
+    """Single device: the student (safetensors), AdamW's state, the step and the global RNG states (the rollout
+    sampler needs none: each step's is seeded afresh, train_small.rollout_generator); only the newest `keep`
     checkpoints stay."""
-    state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "sampler_rng": generator.get_state()}
+    state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     save_atomically(checkpoint_path(out_dir, step), lambda tmp: (
         student.save_pretrained(tmp / "student"), torch.save(optimizer.state_dict(), tmp / "optimizer.pt"),
         torch.save(state, tmp / "state.pt")))
     remove_older_checkpoints(out_dir, step, keep)
 
 
-def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False):
+def load_checkpoint(path, student, optimizer, trust_remote_code=False):
     """Single device: restores the student's weights and AdamW's state in place, and the RNG states; returns the step
     (the data position is a function of it). Every file is read before anything is restored, so a damaged file
     leaves the run's state as it was; and whatever a failed load did apply, the next checkpoint loaded overwrites
@@ -164,7 +164,6 @@ def load_checkpoint(path, student, optimizer, generator, trust_remote_code=False
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    generator.set_state(state["sampler_rng"])
     return state["step"]
 
 
@@ -254,7 +253,7 @@ def first_line(error):
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def resume_from(found, student, optimizer, generator, cfg, runtime):
+def resume_from(found, student, optimizer, cfg, runtime):
     """
     (checkpoint, step): the newest of the complete checkpoints `found` that loads into the student, AdamW and the
     RNGs, or (None, 0) if there are none. One that fails to load (a truncated file, say) is named in a warning line
@@ -264,7 +263,7 @@ def resume_from(found, student, optimizer, generator, cfg, runtime):
     """
     for i in reversed(range(len(found))):
         try:
-            step, problem = runtime.load_checkpoint(found[i], student, optimizer, generator, cfg), None
+            step, problem = runtime.load_checkpoint(found[i], student, optimizer, cfg), None
         except Exception as error:  # any failure to read or apply it: damaged, truncated, of another model
             step, problem = 0, first_line(error)
         if runtime.everywhere(problem is None):

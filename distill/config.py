@@ -59,8 +59,6 @@ def one_of(*choices):
 
 
 POLICY = one_of(*trb.BEHAVIOR_POLICIES)
-POLICIES = ((lambda v: v == "" or all(m in trb.BEHAVIOR_POLICIES for m in v.split(","))),
-            "empty or comma-separated behavior policies, each one of " + ", ".join(trb.BEHAVIOR_POLICIES))
 SEED_LIST = (lambda v: re.fullmatch(r"\d+(,\d+)*", v) is not None), "comma-separated integers"
 FRACTION_OR_PLAN = (lambda v: 0 <= v <= 1), "in [0, 1] (0: from the memory plan)"
 PROBABILITY_MOMENT = (lambda v: 0 <= v < 1), "in [0, 1)"
@@ -159,8 +157,8 @@ class Config:
     report_to: str = key("metrics tracker of every metrics.jsonl row and the shown completions: none, tensorboard, "
                          "wandb or trackio (an optional package each: requirements-dev.txt)",
                          one_of(*REPORT_TO))
-    compare: str = key("comma-separated methods: train each for every seed and write comparison.{json,md,png}",
-                       POLICIES)
+    compare: str = key("comma-separated arms, each a method with its own key=value overrides after colons (e.g. "
+                       "opd,trb:eps0=0.3,trb:eps0=inf): train each for every seed and write comparison.{json,md,png}")
     seeds: str = key("seeds used by compare (paired: every method gets each seed's init, data and eval problems)",
                      SEED_LIST)
     compare_workers: int = key("compare runs in parallel, one process each (each uses num_threads threads)",
@@ -298,6 +296,27 @@ def checked(name, value):
     return value
 
 
+def arm_config(cfg, arm):
+    """The config of one comparison arm, "method[:key=value...]": cfg with that method and those keys (each checked as
+    on the command line); a bad method, key or value stops with one line naming compare."""
+    method, *overrides = arm.split(":")
+    if method not in trb.BEHAVIOR_POLICIES:
+        die(f"compare: {arm!r}: {method!r} is not a behavior policy (one of {', '.join(trb.BEHAVIOR_POLICIES)})")
+    values = {"method": method}
+    for override in overrides:
+        name, _, raw = override.partition("=")
+        if name not in FIELDS or name in ("method", "seed", "compare", "seeds", "out_dir") or not raw:
+            die(f"compare: {arm!r}: {override!r} is not key=value of a config key an arm may change")
+        values[name] = checked(name, parse_value(f"compare: {arm}: {name}", raw, FIELDS[name].type))
+    return dataclasses.replace(cfg, **values)
+
+
+def arm_label(arm_cfg, arm):
+    """How tables name an arm: "teacher warmup" for TRB at eps0 = inf (pure teacher rollouts for warmup_steps, then
+    OPD), else the arm as given."""
+    return "teacher warmup" if arm_cfg.method == "trb" and arm_cfg.eps0 == math.inf else arm
+
+
 def usage():
     lines = ["usage: python train_small.py [--config=PATH] [--key=value ...]   (the same for train_fsdp.py)", ""]
     lines += [f"  --{name}={f.type.__name__:6s} {f.metadata['meaning']}" for name, f in FIELDS.items()]
@@ -371,7 +390,10 @@ def load_config(argv):
     if missing_package(cfg.report_to):  # before any model loads, not at the first logged row
         die(f"report_to: {cfg.report_to} needs the {missing_package(cfg.report_to)} package, which is not "
             f"installed (pip install -r requirements-dev.txt)")
-    if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in cfg.compare.split(",")):
+    arm_methods = [arm_config(cfg, arm).method for arm in filter(None, cfg.compare.split(","))]  # checks each arm
+    if len(set(filter(None, cfg.compare.split(",")))) < len(arm_methods):
+        die(f"compare: an arm is named twice in {cfg.compare!r}")
+    if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in arm_methods):
         die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")
     if cfg.compile and cfg.cache != "static":
         die(f"compile: true needs cache: static, got cache: {cfg.cache}")

@@ -75,8 +75,7 @@ def main():
         warnings.simplefilter("always")
         for step in range(4):
             calls["reduce_scatter"] = 0
-            run = train_small.Run(cfg, runtime, tokenizer, student, teacher, optimizer, torch.Generator().manual_seed(rank),
-                                  [tokenizer.eos_token_id])
+            run = train_small.Run(cfg, runtime, tokenizer, student, teacher, optimizer, [tokenizer.eos_token_id])
             run.decoder = train_small.make_decoder(run, step)
             train_small.train_step(run, questions, step)
             result["reduce_scatters"].append(calls["reduce_scatter"])

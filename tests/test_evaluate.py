@@ -156,7 +156,7 @@ def test_a_runs_checkpoints_of_both_formats_and_the_best_by_the_mean(models_dir,
     for step, seed in ((1, 7), (2, 8)):  # two random students, saved as train_small.py saves them
         student = synthetic_task.tiny_qwen3(tokenizer, 1, 64, seed=seed)
         optimizer = torch.optim.AdamW(student.parameters())
-        checkpoints.save_checkpoint(run, step, student, optimizer, torch.Generator(), keep=3)
+        checkpoints.save_checkpoint(run, step, student, optimizer, keep=3)
     teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher")
     optimizer = torch.optim.AdamW(teacher.parameters())
     teacher(torch.tensor([[3, 4]])).logits.sum().backward()

@@ -241,6 +241,46 @@ def test_resume_after_checkpoint_is_bitwise_identical(cache_dir, tmp_path, unint
     assert_same_run(uninterrupted, tmp_path / "parts")  # the logs cut back to the checkpoint, not duplicated
 
 
+def test_two_arms_of_a_seed_share_their_rollout_noise_once_their_models_agree(cache_dir, tmp_path):
+    """
+    The rollouts of step k draw from a generator seeded by (seed, k) alone. A teacher warmup of one step (TRB at eps0
+    = inf) decodes step 0 with the teacher, other tokens than OPD's (and rows of other lengths); with a
+    learning rate too small to move the weights, both arms then hold the same student, and from step 1 on their
+    sampled rollouts (temperature 1) are the same: the same completion tokens and per-token losses. (A generator run
+    on across steps gives this only when step 0 happens to draw as many tokens in both arms; the next test shows that
+    nothing carries over.) Distinct (seed, step, rank) give distinct seeds.
+    """
+    common = ["--max_steps=3", "--eval_every=0", "--lr=1e-12", "--temperature=1"]
+    run(*tiny(cache_dir, tmp_path / "opd", *common, "--method=opd"))
+    run(*tiny(cache_dir, tmp_path / "teacher", *common, "--method=trb", "--eps0=inf", "--warmup_steps=1"))
+    rows = {arm: [json.loads(line) for line in open(tmp_path / arm / "metrics.jsonl") if '"loss"' in line]
+            for arm in ("opd", "teacher")}
+    assert rows["teacher"][0]["beta"] == 1.0 and rows["opd"][0]["beta"] == 0.0
+    assert rows["teacher"][0]["teacher_logprob"] > rows["opd"][0]["teacher_logprob"]  # other tokens at step 0
+    for a, b in zip(rows["opd"][1:], rows["teacher"][1:]):
+        assert a["completion_tokens"] == b["completion_tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    seeded = lambda *key: train_small.rollout_generator(*key, "cpu").initial_seed()
+    assert len({seeded(seed, step, rank) for seed in range(3) for step in range(3) for rank in range(3)}) == 27
+
+
+def test_each_steps_rollouts_start_from_a_fresh_generator_of_seed_and_step(cache_dir, tmp_path, monkeypatch):
+    """Every step's rollouts receive a generator in the state rollout_generator(seed, step, rank) starts in, whatever
+    earlier steps drew: no sampler state carries from one step to the next."""
+    handed = []
+    decode = train_small.evaluation.HFDecoder.rollouts
+
+    def recording(self, input_ids, attention_mask, generator, *args, **kwargs):
+        handed.append(generator.get_state().clone())
+        return decode(self, input_ids, attention_mask, generator, *args, **kwargs)
+
+    monkeypatch.setattr(train_small.evaluation.HFDecoder, "rollouts", recording)
+    cfg = config.load_config(tiny(cache_dir, tmp_path / "run", "--max_steps=3", "--eval_every=0", "--seed=5"))
+    train_small.train(cfg)
+    assert len(handed) == 3
+    for step, state in enumerate(handed):
+        assert torch.equal(state, train_small.rollout_generator(5, step, 0, "cpu").get_state())
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(cache_dir, tmp_path, uninterrupted):
     """A finished run keeps its two newest checkpoints (keep_checkpoints 2); with the newest one's model.safetensors
     truncated, --resume=true names it in one warning line, resumes from the one before, cuts the logs back to it and

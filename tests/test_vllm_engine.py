@@ -220,7 +220,7 @@ def test_training_with_the_engine_matches_the_hf_loop(tmp_path, chunked):
 
 
 def test_a_resumed_engine_run_equals_an_uninterrupted_one(tmp_path):
-    """With sampled rollouts (temperature 1; the request seeds come from the checkpointed generator), a --engine=vllm
+    """With sampled rollouts (temperature 1; the request seeds come from the step's generator), a --engine=vllm
     run stopped after its step-2 checkpoint and relaunched with --resume=true logs the uninterrupted run's steps:
     losses and diagnostics within 1e-4, the same completion tokens and greedy accuracy. The resumed engine decodes
     the checkpointed student, not the initial one."""

@@ -402,10 +402,59 @@ def load(cfg, runtime):
 
 
 def evaluate_at(run, step, held_out, log):
-    """The student's held-out pass@1 and greedy accuracy at `step`, after logging its completions of the shown
+    """The student's held-out pass@1 and greedy accuracy at `step` (on the embedded task also its reverse KL to the
+    teacher and the reference solutions' log-likelihood, held_out_scores), after logging its completions of the shown
     problems (the same ones at every evaluation)."""
     log.samples(step, "student", evaluation.sample_completions(run.decoder, run.tokenizer, held_out, run.cfg))
-    return evaluation.evaluate(run.decoder, run.tokenizer, held_out, run.cfg, run.cfg.seed + step, run.runtime)
+    scorer = (lambda *args: held_out_scores(run, *args)) if run.cfg.dataset == "synthetic" else None
+    return evaluation.evaluate(run.decoder, run.tokenizer, held_out, run.cfg, run.cfg.seed + step, run.runtime,
+                               scorer)
+
+
+@torch.no_grad()
+def held_out_scores(run, prompts, references, samples):
+    """
+    Continuous endpoints of an evaluation, from its pass@1 samples (evaluation.evaluate's scorer), summed per token:
+    "held_out_kl", the student's exact reverse KL to the teacher at every token of its own samples of the held-out
+    problems (E1 on held-out prompts: OPD's own objective, so lower means the loss did its job, not that answers are
+    right), and "reference_logprob", its log-likelihood of the held-out worked solutions (and their EOS),
+    teacher-forced. Rows with the reference None (FSDP's uncounted padding) run but are not counted, so every rank
+    makes the same forwards. The embedded task only: with a real vocabulary, whole completions' logits do not fit.
+    """
+    cfg, student, tokenizer = run.cfg, run.student, run.tokenizer
+    device, V, pad = next(student.parameters()).device, len(tokenizer), tokenizer.pad_token_id
+    solutions = [tokenizer(r or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for r in references]
+    rows = [(p, list(c), r is not None) for p, r, per_problem in zip(prompts, references, samples) for c in per_problem]
+    rows += [(p, s, r is not None) for p, r, s in zip(prompts, references, solutions)]
+    kinds = ["held_out_kl"] * (len(rows) - len(prompts)) + ["reference_logprob"] * len(prompts)
+    sums = {"held_out_kl": [0.0, 0], "reference_logprob": [0.0, 0]}
+    was_training = student.training
+    student.eval()
+    for start in range(0, len(rows), cfg.eval_batch_size):
+        batch, kind = rows[start:start + cfg.eval_batch_size], kinds[start:start + cfg.eval_batch_size]
+        input_ids, prompt_mask = evaluation.left_padded([p for p, _, _ in batch], pad, device)
+        N = max(1, max(len(c) for _, c, _ in batch))
+        tokens = torch.tensor([c + [pad] * (N - len(c)) for _, c, _ in batch], device=device)
+        counted = torch.tensor([[k and i < len(c) for i in range(N)] for _, c, k in batch], device=device)
+        mask = torch.cat([prompt_mask, torch.tensor([[1] * len(c) + [0] * (N - len(c)) for _, c, _ in batch],
+                                                    device=device)], 1)
+        sequences, P = torch.cat([input_ids, tokens], 1), input_ids.shape[1]
+        with models.autocast(cfg):
+            with run.runtime.gathered(run.teacher):
+                teacher_out = forward_completions(run.teacher, sequences, mask, P, V, False)
+            student_out = forward_completions(student, sequences, mask, P, V, False)
+        student_out, teacher_out = (trb.canonicalise_eos(x.float(), run.eos_ids) for x in (student_out, teacher_out))
+        for name in sums:
+            rows_of = counted & torch.tensor([k == name for k in kind], device=device)[:, None]
+            if name == "held_out_kl":
+                value = trb.topk_reverse_kl(student_out[rows_of], teacher_out[rows_of], 0).sum()
+            else:
+                value = torch.log_softmax(student_out, -1).gather(-1, tokens[..., None]).squeeze(-1)[rows_of].sum()
+            sums[name][0] += float(value)
+            sums[name][1] += int(rows_of.sum())
+    student.train(was_training)
+    return {name: tuple(pair) for name, pair in sums.items()}
 
 
 OUTPUTS = {"metrics.jsonl": "loss, budget, beta, KL, teacher log-prob and pass@1, one row per step",

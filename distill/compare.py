@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from distill import checkpoints, math_data, models
-from distill.config import die
+from distill.config import arm_config, arm_label, die
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,8 +70,14 @@ def verdict(name, stat):
     return f"{text}, not significant at {stat['n_seeds']} seeds"
 
 
-def run_dir(out_dir, method, seed):
-    return Path(out_dir) / f"{method}_seed{seed}"
+def run_dir(out_dir, arm, seed):
+    """One arm's run of one seed: <out_dir>/<arm>_seed<n>, the arm's colons as underscores (trb_eps0=inf_seed0)."""
+    return Path(out_dir) / f"{arm.replace(':', '_')}_seed{seed}"
+
+
+def reference_arm(arm_cfgs):
+    """The arm the others are paired against: the first whose method is OPD, or None."""
+    return next((arm for arm, arm_cfg in arm_cfgs.items() if arm_cfg.method == "opd"), None)
 
 
 def finished(run_cfg):
@@ -137,12 +143,14 @@ def _prepare(score, run_cfg):
 
 
 def compare(cfg, train, score):
-    """Every method in cfg.compare for every seed in cfg.seeds (same teacher, same per-seed student init), each run by
-    train(run_cfg) -> its metrics history, compare_workers at a time; writes comparison.{json,md,png} to out_dir.
-    score: how models.load_models scores the embedded teacher, once, when the runs are prepared in parallel."""
+    """Every arm of cfg.compare (a method and its own overrides, config.arm_config) for every seed in cfg.seeds (same
+    teacher, same per-seed student init), each run by train(run_cfg) -> its metrics history, compare_workers at a
+    time; writes comparison.{json,md,png} to out_dir. score: how models.load_models scores the embedded teacher,
+    once, when the runs are prepared in parallel."""
     methods, seeds = cfg.compare.split(","), [int(s) for s in cfg.seeds.split(",")]
     started = time.time()
-    configs = {(m, s): dataclasses.replace(cfg, method=m, seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
+    arm_cfgs = {m: arm_config(cfg, m) for m in methods}
+    configs = {(m, s): dataclasses.replace(arm_cfgs[m], seed=s, compare="", out_dir=str(run_dir(cfg.out_dir, m, s)))
                for s in seeds for m in methods}
     out = Path(cfg.out_dir)
     earlier = checkpoints.earlier_run(out)  # the comparison's files and its per-run folders, checked before any run
@@ -182,77 +190,103 @@ def compare(cfg, train, score):
                 said = (Path(configs[key].out_dir) / "progress.log").read_text().strip().splitlines() or ["?"]
                 die(f"compare: the run in {configs[key].out_dir} stopped: {said[-1].removeprefix('error: ')}")
     runs = {m: [runs[(m, s)] for s in seeds] for m in methods}
-    results = summarise(runs, seeds, cfg)
+    results = summarise(runs, seeds, arm_cfgs)
     results["wall_s"] = round(time.time() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
-    text = report(results, cfg) + example(out, methods, seeds[0])
+    text = report(results, cfg) + example(out, methods, seeds[0], arm_cfgs)
     (out / "comparison.md").write_text(text)
-    plot_comparison(runs, out / "comparison.png", cfg)
+    plot_comparison(runs, out / "comparison.png", arm_cfgs)
     print(text)
     print(f"wrote {out / 'comparison.md'} (the tables above), {out / 'comparison.json'} (every number, per seed) and "
           f"{out / 'comparison.png'} (the curves); each run's logs, summary and student are in {out}/<method>_seed<n>/")
     return results
 
 
-def summarise(runs, seeds, cfg):
-    """Per method: per-seed final and best pass@1, AUC (mean pass@1 over evaluations), final greedy accuracy, the
-    teacher log-prob of warmup rollouts; per method other than OPD, the paired differences to OPD."""
+# The paired endpoints, continuous ones first: (key, column title, metric of an evaluation row, over which evaluations)
+ENDPOINTS = (("final_kl", "held-out KL (final)", "held_out_kl", "final"),
+             ("mean_kl", "held-out KL (mean)", "held_out_kl", "mean"),
+             ("final_ref", "reference log-lik (final)", "reference_logprob", "final"),
+             ("final", "final pass@1", "pass@1", "final"),
+             ("auc", "AUC", "pass@1", "mean"))
+
+
+def summarise(runs, seeds, arm_cfgs):
+    """
+    Per arm: per-seed final and best pass@1, AUC (mean pass@1 over evaluations), final greedy accuracy, where the runs
+    logged them (the embedded task) the held-out reverse KL to the teacher and the reference solutions' log-likelihood
+    (final; the KL also as its mean over evaluations), the teacher log-prob of warmup rollouts; per arm other than
+    the reference (the first OPD arm), the paired differences to it, per endpoint.
+    """
     results = {"methods": {}, "seeds": seeds}
     for m, histories in runs.items():
         evals = [[row for row in h if "pass@1" in row] for h in histories]
-        warm = [r["teacher_logprob"] for h in histories for r in h if 0 < r["step"] <= cfg.warmup_steps]
-        results["methods"][m] = {
-            "final": [e[-1]["pass@1"] for e in evals], "auc": [sum(r["pass@1"] for r in e) / len(e) for e in evals],
+        warm = [r["teacher_logprob"] for h in histories for r in h if 0 < r["step"] <= arm_cfgs[m].warmup_steps]
+        row = results["methods"][m] = {
+            "label": arm_label(arm_cfgs[m], m),
             "best": [max(r["pass@1"] for r in e) for e in evals], "final_greedy": [e[-1]["greedy"] for e in evals],
             "initial": [e[0]["pass@1"] for e in evals],
             "teacher_logprob_warmup": sum(warm) / len(warm) if warm else None}
-    if "opd" in runs:
-        opd = results["methods"]["opd"]
+        for key, _, metric, over in ENDPOINTS:
+            if all(metric in r for e in evals for r in e):
+                row[key] = [e[-1][metric] if over == "final" else sum(r[metric] for r in e) / len(e) for e in evals]
+    reference = reference_arm(arm_cfgs)
+    if reference is not None:
+        base = results["methods"][reference]
         for m, r in results["methods"].items():
-            if m != "opd":
-                r["vs_opd"] = {k: paired_ci([a - b for a, b in zip(r[k], opd[k])]) for k in ("final", "auc")}
+            if m != reference:
+                r["vs_opd"] = {key: paired_ci([a - b for a, b in zip(r[key], base[key])])
+                               for key, *_ in ENDPOINTS if key in r and key in base}
     return results
 
 
 def report(results, cfg):
-    """comparison.md: per-method means with 95% intervals, the paired differences to OPD, and what they show."""
+    """comparison.md: per-arm means with 95% intervals, the paired differences to the OPD arm (continuous endpoints
+    first), and what they show."""
     def cell(xs):
         stat = paired_ci(xs)  # the interval of a mean is the paired one against 0
         return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
 
-    seeds = results["seeds"]
-    lines = [f"Held-out pass@1 over {len(seeds)} seeds ({cfg.seeds}): mean [95% CI]. AUC = mean pass@1 over the "
-             f"evaluations (every {cfg.eval_every} steps and at the end; {cfg.eval_size} problems x "
-             f"{cfg.eval_samples} samples at T={cfg.eval_temperature}). {cfg.max_steps} steps, eps0={cfg.eps0}, "
-             f"warmup_steps={cfg.warmup_steps}, student_sft_steps={cfg.student_sft_steps}. Wall time "
-             f"{results.get('wall_s', math.nan) / 60:.1f} min.", "",
-             "| method | final pass@1 | AUC | best pass@1 | final greedy | teacher log-prob (warmup) |",
-             "|---|---|---|---|---|---|"]
-    for m, r in results["methods"].items():
+    def signed(stat):
+        return f"{stat['mean']:+.3f} [{stat['ci95'][0]:+.3f}, {stat['ci95'][1]:+.3f}]"
+
+    seeds, arms = results["seeds"], results["methods"]
+    shown = [(key, title) for key, title, *_ in ENDPOINTS if all(key in r for r in arms.values())]
+    lines = [f"Held-out endpoints over {len(seeds)} seeds ({cfg.seeds}): mean [95% CI]. Held-out KL: the student's "
+             f"per-token reverse KL to the teacher on its own samples of the held-out problems (OPD's objective, "
+             f"lower is better); reference log-lik: its per-token log-likelihood of the held-out worked solutions "
+             f"(higher is better); AUC = mean pass@1 over the evaluations (every {cfg.eval_every} steps and at the "
+             f"end; "
+             f"{cfg.eval_size} problems x {cfg.eval_samples} samples at T={cfg.eval_temperature}). {cfg.max_steps} "
+             f"steps, eps0={cfg.eps0}, warmup_steps={cfg.warmup_steps}, student_sft_steps={cfg.student_sft_steps} "
+             f"(an arm's own overrides in its name). Wall time {results.get('wall_s', math.nan) / 60:.1f} min.", "",
+             "| arm | " + " | ".join(title for _, title in shown) + " | best pass@1 | final greedy | teacher log-prob "
+             "(warmup) |", "|---" * (len(shown) + 4) + "|"]
+    for r in arms.values():
         logprob = r["teacher_logprob_warmup"]
-        lines.append(f"| {m} | {cell(r['final'])} | {cell(r['auc'])} | {cell(r['best'])} | "
-                     f"{cell(r['final_greedy'])} | {'-' if logprob is None else f'{logprob:.3f}'} |")
-    initial = results["methods"][next(iter(results["methods"]))]["initial"]
-    lines += ["", f"Initial student pass@1 (the same for every method): {cell(initial)}."]
-    paired = {m: r["vs_opd"] for m, r in results["methods"].items() if "vs_opd" in r}
+        lines.append(f"| {r['label']} | " + " | ".join(cell(r[key]) for key, _ in shown) +
+                     f" | {cell(r['best'])} | {cell(r['final_greedy'])} | "
+                     f"{'-' if logprob is None else f'{logprob:.3f}'} |")
+    initial = next(iter(arms.values()))["initial"]
+    lines += ["", f"Initial student pass@1 (the same for every arm): {cell(initial)}."]
+    paired = {r["label"]: r["vs_opd"] for r in arms.values() if "vs_opd" in r}
     if paired:
-        lines += ["", "Paired by seed, method - OPD: mean [95% CI] (Student's t, n - 1 degrees of freedom)", "",
-                  "| method - opd | final pass@1 | AUC | seeds |", "|---|---|---|---|"]
-        for m, stats in paired.items():
-            f, a = stats["final"], stats["auc"]
-            lines.append(f"| {m} | {f['mean']:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
-                         f"{a['mean']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | {f['n_seeds']} |")
+        keys = [(key, title) for key, title in shown if all(key in stats for stats in paired.values())]
+        lines += ["", "Paired by seed, arm - OPD: mean [95% CI] (Student's t, n - 1 degrees of freedom)", "",
+                  "| arm - opd | " + " | ".join(title for _, title in keys) + " | seeds |",
+                  "|---" * (len(keys) + 2) + "|"]
+        for label, stats in paired.items():
+            lines.append(f"| {label} | " + " | ".join(signed(stats[key]) for key, _ in keys) +
+                         f" | {stats['final']['n_seeds']} |")
         lines.append("")
-        for m, stats in paired.items():
-            lines.append(f"- {verdict(f'{m} - opd, final pass@1', stats['final'])}; "
-                         f"{verdict('AUC', stats['auc'])}.")
+        for label, stats in paired.items():
+            lines.append(f"- {label} - opd: " + "; ".join(verdict(title, stats[key]) for key, title in keys) + ".")
     return "\n".join(lines) + "\n"
 
 
-def example(out, methods, seed):
+def example(out, methods, seed, arm_cfgs):
     """Held-out problem 0 as the runs of one seed left it (from their samples.jsonl): the teacher's greedy completion,
-    the initial student's (the same for every method) and each method's final one; "" without samples."""
+    the initial student's (the same for every arm) and each arm's final one; "" without samples."""
     logs = {m: run_dir(out, m, seed) / "samples.jsonl" for m in methods}
     if not all(path.exists() for path in logs.values()):
         return ""
@@ -262,26 +296,29 @@ def example(out, methods, seed):
     if not teacher or not all(student.values()):
         return ""
     shown = [("teacher", teacher[0]), ("student, step 0", student[methods[0]][0])]
-    shown += [(f"{m}, step {student[m][-1]['step']}", student[m][-1]) for m in methods]
+    shown += [(f"{arm_label(arm_cfgs[m], m)}, step {student[m][-1]['step']}", student[m][-1]) for m in methods]
     lines = [f"\nHeld-out problem 0, greedy, seed {seed}: {teacher[0]['question'].strip()} "
              f"(answer {teacher[0]['answer']})", "```text"]
     for label, row in shown:
         completion = json.dumps(row["completion"])[1:-1]  # one line: newlines escaped
         completion = completion if len(completion) <= 100 else "..." + completion[-97:]  # the end holds the answer
-        lines.append(f"{label:20s} {'right' if row['correct'] else 'wrong'}  {completion}")
+        lines.append(f"{label:24s} {'right' if row['correct'] else 'wrong'}  {completion}")
     return "\n".join(lines + ["```", ""])
 
 
-def plot_comparison(runs, path, cfg):
-    """pass@1 vs step (mean over seeds, 95% confidence band); the paired difference to OPD (mean, 95% band); eps and
-    mean beta; teacher log-prob of rollouts."""
+def plot_comparison(runs, path, arm_cfgs):
+    """pass@1 vs step (mean over seeds, 95% confidence band); the paired difference to the OPD arm (mean, 95% band);
+    eps and mean beta; teacher log-prob of rollouts; and where the runs logged it, the held-out reverse KL to the
+    teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    with_kl = all("held_out_kl" in row for hs in runs.values() for h in hs for row in h if "pass@1" in row)
+    fig, axes = plt.subplots(1, 5 if with_kl else 4, figsize=(26 if with_kl else 21, 4.5))
     beta_axis = axes[2].twinx()  # eps ~ 1e-2 and beta in [0, 1] need their own scales
-    curves = {m: torch.tensor([[row["pass@1"] for row in h if "pass@1" in row] for h in hs], dtype=torch.float64)
-              for m, hs in runs.items()}  # (seeds, evaluations)
+    evaluated = lambda metric: {m: torch.tensor([[row[metric] for row in h if "pass@1" in row] for h in hs],
+                                                dtype=torch.float64) for m, hs in runs.items()}  # (seeds, evaluations)
+    curves, reference = evaluated("pass@1"), reference_arm(arm_cfgs)
 
     def band(ax, steps, x, color, label):  # mean over seeds and its 95% t interval, per evaluation
         n = x.shape[0]
@@ -291,25 +328,32 @@ def plot_comparison(runs, path, cfg):
         ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2)
 
     for i, (m, histories) in enumerate(runs.items()):
-        color = f"C{i}"
+        color, label = f"C{i}", arm_label(arm_cfgs[m], m)
         steps = [row["step"] for row in histories[0] if "pass@1" in row]
-        band(axes[0], steps, curves[m], color, m)
-        if m != "opd" and "opd" in curves:
-            band(axes[1], steps, curves[m] - curves["opd"], color, f"{m} - opd")
+        band(axes[0], steps, curves[m], color, label)
+        if reference is not None and m != reference:
+            band(axes[1], steps, curves[m] - curves[reference], color, f"{label} - opd")
+        if with_kl:
+            band(axes[4], steps, evaluated("held_out_kl")[m], color, label)
         rows = [row for row in histories[0] if "loss" in row]
         train_steps = [r["step"] for r in rows]
-        axes[2].plot(train_steps, [r["eps"] for r in rows], color=color, label=m)
+        axes[2].plot(train_steps, [min(r["eps"], 1e3) for r in rows], color=color, label=label)  # inf drawn at 1e3
         beta = torch.tensor([[r["beta"] for r in h if "loss" in r] for h in histories]).mean(0)  # (steps,)
         beta_axis.plot(train_steps, beta, color=color, linestyle="--")
         logprob = torch.tensor([[r["teacher_logprob"] for r in h if "loss" in r] for h in histories]).mean(0)
-        axes[3].plot(train_steps, logprob, color=color, label=m)
+        axes[3].plot(train_steps, logprob, color=color, label=label)
     n = len(next(iter(runs.values())))
     axes[0].set(xlabel="step", ylabel="held-out pass@1", title=f"pass@1, mean over {n} seeds, 95% CI band")
     axes[1].axhline(0, color="black", linewidth=0.8)
-    axes[1].set(xlabel="step", ylabel="pass@1 difference", title="paired by seed: method - opd, 95% CI band")
-    axes[2].set(xlabel="step", ylabel="KL budget eps (solid)", title="KL budget (solid) and mean beta (dashed)")
+    axes[1].set(xlabel="step", ylabel="pass@1 difference", title="paired by seed: arm - opd, 95% CI band")
+    axes[2].set_yscale("symlog", linthresh=1e-3)
+    axes[2].set(xlabel="step", ylabel="KL budget eps (solid)",
+                title="KL budget (solid, inf at 1e3) and mean beta (dashed)")
     beta_axis.set(ylabel="mean beta over rollout tokens (dashed)", ylim=(-0.02, 1.02))
     axes[3].set(xlabel="step", ylabel="mean log pi_T(sampled token)", title="teacher log-prob of rollout tokens")
+    if with_kl:
+        axes[4].set(xlabel="step", ylabel="KL(student || teacher) per token",
+                    title="held-out reverse KL on the student's samples, 95% CI band")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

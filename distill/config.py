@@ -275,24 +275,26 @@ def parse_value(name, raw, kind):
         die(f"{name}: expected {kind.__name__}, got {raw!r}")
 
 
-def checked(name, value):
+def checked(name, value, where=None):
     """
     The value of key `name`, type- and range-checked. Accepted as floats: ints, and numeric strings (YAML 1.1 reads
     `1e-5` without a dot as a string). Floats must be finite, except eps0 (inf: the pure teacher). null is "".
+    Errors name `where` (default: the key).
     """
     kind, check = FIELDS[name].type, FIELDS[name].metadata["check"]
+    where = where or name
     if kind is float and type(value) is int:
         value = float(value)
     if kind is float and type(value) is str:
-        value = parse_value(name, value, float)
+        value = parse_value(where, value, float)
     if value is None and kind is str:
         value = ""
     if type(value) is not kind:
-        die(f"{name}: expected {kind.__name__}, got {value!r}")
+        die(f"{where}: expected {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value) and not (name == "eps0" and value == math.inf):
-        die(f"{name}: must be finite, got {value!r}")
+        die(f"{where}: must be finite, got {value!r}")
     if check is not None and not check[0](value):
-        die(f"{name}: must be {check[1]}, got {value!r}")
+        die(f"{where}: must be {check[1]}, got {value!r}")
     return value
 
 
@@ -307,7 +309,8 @@ def arm_config(cfg, arm):
         name, _, raw = override.partition("=")
         if name not in FIELDS or name in ("method", "seed", "compare", "seeds", "out_dir") or not raw:
             die(f"compare: {arm!r}: {override!r} is not key=value of a config key an arm may change")
-        values[name] = checked(name, parse_value(f"compare: {arm}: {name}", raw, FIELDS[name].type))
+        where = f"compare: {arm!r}: {name}"
+        values[name] = checked(name, parse_value(where, raw, FIELDS[name].type), where)
     return dataclasses.replace(cfg, **values)
 
 
@@ -390,9 +393,10 @@ def load_config(argv):
     if missing_package(cfg.report_to):  # before any model loads, not at the first logged row
         die(f"report_to: {cfg.report_to} needs the {missing_package(cfg.report_to)} package, which is not "
             f"installed (pip install -r requirements-dev.txt)")
-    arm_methods = [arm_config(cfg, arm).method for arm in filter(None, cfg.compare.split(","))]  # checks each arm
-    if len(set(filter(None, cfg.compare.split(",")))) < len(arm_methods):
-        die(f"compare: an arm is named twice in {cfg.compare!r}")
+    arms = cfg.compare.split(",") if cfg.compare else []
+    if "" in arms or len(set(arms)) < len(arms):
+        die(f"compare: {cfg.compare!r} has an empty arm or one named twice (comma-separated arms, e.g. opd,trb)")
+    arm_methods = [arm_config(cfg, arm).method for arm in arms]  # each arm checked
     if cfg.engine == "vllm" and (cfg.method == "skd" or "skd" in arm_methods):
         die("engine: vllm runs the blend's token rule only; method skd (its teacher replaces tokens) needs engine: hf")
     if cfg.compile and cfg.cache != "static":

@@ -138,10 +138,12 @@ def cat_rollouts(parts, pad_token_id=None):
 
 
 @torch.no_grad()
-def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks):
+def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks, scorer=None):
     """
     Held-out pass@1 = mean over problems of c/n (n = eval_samples at eval_temperature), and greedy accuracy, of the
     decoder's student alone. Answers are checked with math-verify on real data and by exact match on the embedded task.
+    scorer(prompts, references, samples) -> {name: (sum, count)}: more endpoints from the same pass@1 samples (each
+    rank's rows, uncounted ones with the reference None), each summed over ranks and returned as sum / count.
     Under FSDP each rank decodes its share of the problems in lockstep with the others (the same number of calls,
     each stopping when every rank's rows are done; a rank with fewer problems pads its last call with uncounted ones),
     so no rank waits for another longer than stop_check_every tokens take; the counts are summed (hooks.sum).
@@ -154,15 +156,20 @@ def evaluate(decoder, tokenizer, held_out, cfg, seed, hooks):
     prompts = math_data.prompt_ids([math_data.format_prompt(all_questions[i], tokenizer, cfg) for i, _ in rows],
                                    tokenizer)
     exact = cfg.dataset == "synthetic"
-    correct = {}
+    correct, scored = {}, {}
     with memory_plan.moment("evaluation peak"):
         for name, n, temperature in (("pass@1", cfg.eval_samples, cfg.eval_temperature), ("greedy", 1, 0.0)):
             samples = decoder.completions(prompts, n, temperature, generator)
             correct[name] = sum(counted and math_data.is_correct(text, answers[problem], exact)
                                 for (problem, counted), per_problem in zip(rows, samples)
                                 for text in tokenizer.batch_decode(per_problem, skip_special_tokens=True))
-    pass_correct, greedy_correct = hooks.sum([correct["pass@1"], correct["greedy"]])
-    return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out)}
+            if name == "pass@1" and scorer is not None:
+                scored = scorer(prompts, [answers[problem] if counted else None for problem, counted in rows], samples)
+    pass_correct, greedy_correct, *sums = hooks.sum([correct["pass@1"], correct["greedy"],
+                                                    *(x for pair in scored.values() for x in pair)])
+    more = {name: total / count if count else math.nan for name, total, count in zip(scored, sums[::2], sums[1::2])}
+    return {"pass@1": pass_correct / (cfg.eval_samples * len(held_out)), "greedy": greedy_correct / len(held_out),
+            **more}
 
 
 @torch.no_grad()

@@ -453,7 +453,8 @@ def main():
                         "greedy tokens only")
     engine.add_argument("--models", default="", help="a folder with student/ and teacher/ model folders in place of "
                         "--pairs' random weights")
-    engine.add_argument("--tokens_out", default="", help="write the engine's greedy tokens at eps 0.5 to this JSON file")
+    engine.add_argument("--tokens_out", default="", help="write the engine's greedy tokens at eps 0.5 to this JSON "
+                        "file")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.which = args.which or (["decode"] if cuda else ["solve", "memory", "sampler"])

@@ -75,7 +75,7 @@ def probe(student, teacher, tokenizer, cfg, eos_ids, questions, answers, eps):
     prompts = [math_data.format_prompt(q, tokenizer, cfg) for q in questions]
     input_ids, mask = math_data.encode_prompts(prompts, tokenizer, device)  # (B, P)
     P = input_ids.shape[1]
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # the rollout sampler of train_small at step 0
+    generator = train_small.rollout_generator(cfg.seed, 0, 0, device)  # training's step-0 sampler
     with models.autocast(cfg):
         rollout = trb.blended_generate(student, teacher, input_ids, mask, eps=eps, temperature=cfg.temperature,
                                        max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,

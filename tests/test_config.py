@@ -44,6 +44,11 @@ def error_line(capsys, argv):
     (["--compare=opd,nope"], "compare"),
     (["--seeds=0,x"], "seeds"),
     (["--compare=opd,trb,"], "compare"),
+    (["--compare=opd,opd"], "compare"),  # an arm twice
+    (["--compare=opd,trb:eps0"], "compare"),  # an override without a value
+    (["--compare=opd,trb:nope=1"], "compare"),  # an unknown key
+    (["--compare=opd,trb:seed=3"], "compare"),  # a key an arm may not change
+    (["--compare=opd,trb:eps0=-1"], "compare"),  # a value out of range
     (["--seed=-1"], "seed"),
     (["--out_dir="], "out_dir"),
     (["--lr=inf"], "lr"),

@@ -3,6 +3,7 @@ teacher, the named eps brackets the half-gap crossing of the printed table, a se
 with one line."""
 import contextlib
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import train_small  # noqa: E402
+from distill.config import load_config  # noqa: E402
 from scripts import probe_budget  # noqa: E402
 
 # A few-second configuration: 1-layer models, 2-digit sums, a teacher trained far enough to be sharp (its log-prob of
@@ -18,8 +21,8 @@ from scripts import probe_budget  # noqa: E402
 TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
         "--teacher_layers=1", "--teacher_hidden=64", "--teacher_sft_steps=150", "--teacher_sft_lr=0.01",
         "--student_layers=1", "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8",
-        "--sft_batch_size=16", "--batch_size=4", "--rollouts_per_prompt=2", "--max_new_tokens=16",
-        "--eval_max_new_tokens=16", "--rows=16"]
+        "--sft_batch_size=16", "--batch_size=8", "--rollouts_per_prompt=2", "--max_new_tokens=16",
+        "--eval_max_new_tokens=16"]
 
 
 def probe(*argv):
@@ -34,7 +37,7 @@ def probe(*argv):
 def probed(tmp_path_factory):
     """One probe of the tiny task over the default grid; its cache (teacher, student init) serves the module."""
     cache = tmp_path_factory.mktemp("cache")
-    return (cache, *probe(*TINY, f"--cache_dir={cache}"))
+    return (cache, *probe(*TINY, f"--cache_dir={cache}", "--rows=16"))
 
 
 def printed_table(text):
@@ -91,9 +94,25 @@ def test_the_same_seed_gives_the_same_table_twice(probed):
     """A second probe with the same arguments (models from the cache) prints and returns the same table and names the
     same eps."""
     cache, result, text = probed
-    again, again_text = probe(*TINY, f"--cache_dir={cache}")
+    again, again_text = probe(*TINY, f"--cache_dir={cache}", "--rows=16")
     assert again["table"] == result["table"] and printed_table(again_text) == printed_table(text)
     assert again_text.splitlines()[-1] == text.splitlines()[-1]
+
+
+def test_the_rows_at_0_and_eps0_are_the_rollouts_of_training_step_0(probed, tmp_path):
+    """A one-step run of train_small with method opd, and with trb at eps0 = 0.5, logs the beta, realised KL, teacher
+    log-prob and completion tokens of the probe's rows at eps 0 and 0.5: same models, prompts and sampler."""
+    cache, result, _ = probed
+    table = {row["eps"]: row for row in result["table"]}
+    for method, eps in (("opd", 0.0), ("trb", 0.5)):
+        out = tmp_path / method
+        train_small.train(load_config([*TINY, f"--cache_dir={cache}", f"--out_dir={out}", f"--method={method}",
+                                       "--eps0=0.5", "--warmup_steps=2", "--max_steps=1", "--eval_every=0",
+                                       "--checkpoint_every=0", "--shown_problems=0"]))
+        step = [json.loads(line) for line in open(out / "metrics.jsonl")][1]
+        assert step["eps"] == eps and step["completion_tokens"] == round(table[eps]["length"] * result["rows"])
+        for name in ("beta", "realised_kl", "teacher_logprob"):
+            assert step[name] == pytest.approx(table[eps][name], rel=1e-6, abs=1e-9), (method, name)
 
 
 def test_half_gap_says_when_no_finite_eps_reaches_it_or_the_grid_starts_too_late():

@@ -125,26 +125,39 @@ def test_other_behaviors_chunked_loss_and_bf16_run(cache_dir, tmp_path, variant)
 
 
 def test_compare_writes_json_table_and_plot(cache_dir, tmp_path):
-    """--compare trains every method for every seed and writes comparison.json, .md (with one held-out problem: the
-    teacher's, the initial student's and each method's final greedy completion) and .png."""
-    run(*tiny(cache_dir, tmp_path / "cmp", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2"))
+    """--compare trains every arm for every seed (an arm is a method with its own overrides; TRB at eps0 = inf is
+    named teacher warmup) and writes comparison.json, .md (the continuous endpoints first, then pass@1; one held-out
+    problem: the teacher's, the initial student's and each arm's final greedy completion) and .png."""
+    arms = "--compare=opd,trb,trb:eps0=inf:lr=0.001"
+    run(*tiny(cache_dir, tmp_path / "cmp", arms, "--seeds=0,1", "--max_steps=2"))
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     methods = result["methods"]
-    assert set(methods) == {"opd", "trb"} and len(methods["trb"]["final"]) == 2 and "vs_opd" not in methods["opd"]
-    for name in ("final", "auc"):  # the paired difference to OPD, seed by seed
-        stat = methods["trb"]["vs_opd"][name]
-        differences = [a - b for a, b in zip(methods["trb"][name], methods["opd"][name])]
-        assert stat["n_seeds"] == 2 and stat["mean"] == pytest.approx(sum(differences) / 2)
-        assert stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1]
+    assert list(methods) == ["opd", "trb", "trb:eps0=inf:lr=0.001"] and "vs_opd" not in methods["opd"]
+    assert methods["trb:eps0=inf:lr=0.001"]["label"] == "teacher warmup" and methods["trb"]["label"] == "trb"
+    runs = {arm: [json.loads(l) for l in open(tmp_path / "cmp" / f"{arm.replace(':', '_')}_seed1" / "metrics.jsonl")]
+            for arm in methods}
+    warmup = runs["trb:eps0=inf:lr=0.001"]
+    assert warmup[1]["beta"] == 1.0 and max(r.get("lr", 0) for r in warmup) == 0.001 != runs["opd"][2]["lr"]
+    for arm in ("trb", "trb:eps0=inf:lr=0.001"):
+        for name, metric in (("final", "pass@1"), ("auc", "pass@1"), ("final_kl", "held_out_kl"),
+                             ("mean_kl", "held_out_kl"), ("final_ref", "reference_logprob")):
+            stat = methods[arm]["vs_opd"][name]  # the paired difference to OPD, seed by seed
+            differences = [a - b for a, b in zip(methods[arm][name], methods["opd"][name])]
+            assert stat["n_seeds"] == 2 and stat["mean"] == pytest.approx(sum(differences) / 2)
+            assert stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1]
+        evals = [r for r in runs[arm] if "pass@1" in r]
+        assert methods[arm]["final_kl"][1] == evals[-1]["held_out_kl"]
+        assert methods[arm]["mean_kl"][1] == pytest.approx(sum(r["held_out_kl"] for r in evals) / len(evals))
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| trb |" in table and "| trb | " in table.split("method - opd")[1] and "seeds" in table
+    header = next(line for line in table.splitlines() if line.startswith("| arm |"))
+    assert header.index("held-out KL (final)") < header.index("reference log-lik") < header.index("final pass@1")
+    assert "| teacher warmup | " in table.split("arm - opd")[1] and "seeds" in table
     example = table.split("Held-out problem 0, greedy, seed 0: ")[1].splitlines()  # the example at the end
-    labels = [line[:20].strip() for line in example[2:6]]
-    assert labels == ["teacher", "student, step 0", "opd, step 2", "trb, step 2"] and example[6] == "```"
+    labels = [line[:24].strip() for line in example[2:7]]
+    assert labels == ["teacher", "student, step 0", "opd, step 2", "trb, step 2", "teacher warmup, step 2"]
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
     # Two runs at a time (the default) in worker processes give what one at a time in this process gives.
-    run(*tiny(cache_dir, tmp_path / "serial", "--compare=opd,trb", "--seeds=0,1", "--max_steps=2",
-              "--compare_workers=1"))
+    run(*tiny(cache_dir, tmp_path / "serial", arms, "--seeds=0,1", "--max_steps=2", "--compare_workers=1"))
     assert json.loads((tmp_path / "serial" / "comparison.json").read_text())["methods"] == methods
 
 
@@ -570,3 +583,43 @@ def test_cache_and_compile_keys_reach_every_decode(cache_dir, tmp_path, monkeypa
         assert dynamic.get("completion_tokens") == static.get("completion_tokens")
         if "loss" in dynamic:
             assert static["loss"] == pytest.approx(dynamic["loss"], rel=1e-5)
+
+
+def test_held_out_scores_equal_a_float64_recomputation_row_by_row():
+    """train_small.held_out_scores (batched, left-padded prompts, right-padded completions, rows in calls of
+    eval_batch_size) against each row alone in float64: the summed per-token reverse KL of the student to the teacher
+    over its samples' tokens (EOS included where a sample stopped), and the student's summed log-likelihood of each
+    reference solution and its EOS; rows whose reference is None (FSDP's uncounted padding) count for nothing."""
+    tokenizer = synthetic_task.char_tokenizer()
+    student, teacher = (synthetic_task.tiny_qwen3(tokenizer, layers, 32, seed=layers) for layers in (1, 2))
+    cfg = config.load_config(["--eval_batch_size=3"])
+    run_ = train_small.Run(cfg, train_small.SingleDevice(), tokenizer, student, teacher, None, [tokenizer.eos_token_id])
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    prompts = [ids("12+7="), ids("305+66="), ids("4+4=")]
+    references = ["2+7+0=9;1+0+0=1;#### 19", "5+6+0=11;0+6+1=7;3+0+0=3;#### 371", None]
+    samples = [[ids("9;#### 19") + [eos], ids("1+")], [ids("#### 3") + [eos], []], [ids("8") + [eos], ids("44")]]
+    scores = train_small.held_out_scores(run_, prompts, references, samples)
+
+    def logprobs(model, prompt, completion):  # float64 log-softmax at the positions predicting the completion
+        model = model.double()
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits, -1)
+
+    kl = ll = 0.0
+    kl_tokens = ll_tokens = 0
+    with torch.no_grad():
+        for prompt, reference, per_problem in zip(prompts, references, samples):
+            if reference is None:
+                continue
+            for completion in per_problem:
+                if completion:
+                    s, t = logprobs(student, prompt, completion), logprobs(teacher, prompt, completion)
+                    kl += float((s.exp() * (s - t)).sum())
+                    kl_tokens += len(completion)
+            solution = ids(reference) + [eos]
+            ll += float(logprobs(student, prompt, solution).gather(-1, torch.tensor(solution)[:, None]).sum())
+            ll_tokens += len(solution)
+    assert scores["held_out_kl"][1] == kl_tokens and scores["reference_logprob"][1] == ll_tokens
+    assert scores["held_out_kl"][0] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert scores["reference_logprob"][0] == pytest.approx(ll, rel=1e-5)

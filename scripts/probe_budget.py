@@ -1,12 +1,12 @@
 """
 The KL budget eps on a task's own scale. The paper's grid {0.005, 0.02, 0.05} is set for Qwen3's 151,936 tokens; the
-embedded task has 18 and a nearly deterministic teacher, so the same eps moves its rollouts much less. For each eps of
-a grid this samples the rollouts of training's step 0 (its student init, teacher, first prompts and sampler seed, so
-that eps is the only difference) with trb.blended_generate, and prints per eps the mean beta, realised KL(mu || pi_S)
+embedded task has 18 and a nearly deterministic teacher, so what an eps does to its rollouts is measured here: for each
+eps of a grid this samples the rollouts of training's step 0 (its student init, teacher, first prompts and sampler seed,
+so that eps is the only difference) with trb.blended_generate, and prints per eps the mean beta, realised KL(mu || pi_S)
 and teacher log-prob of the sampled tokens (means over completion tokens), the rate of correct rollouts and the mean
-completion length. It then names the eps that closes half of the teacher log-prob gap between OPD's rollouts (eps 0)
-and the teacher's own (eps inf, beta = 1): the grid interval where the mean first reaches the midpoint, and an estimate
-by linear interpolation in log eps inside it.
+completion length. It then names the eps that closes half of the teacher log-prob gap between OPD's rollouts (eps 0) and
+the teacher's own (eps inf, beta = 1): the grid interval where the mean first reaches the midpoint, and an estimate by
+linear interpolation in log eps inside it.
 
     python -m scripts.probe_budget                                  # the default config: student_sft_steps 200
     python -m scripts.probe_budget --student_sft_steps=50           # a weaker student init
@@ -57,7 +57,7 @@ def options(argv):
     rows = found["rows"]
     if rows is not None and not (rows.isdigit() and int(rows) >= 1):
         die(f"--rows: expected a positive integer, got {rows!r}")
-    return sorted(grid), rows and int(rows), rest
+    return sorted(grid), int(rows) if rows else None, rest
 
 
 def step0_questions(train, cfg, rows):

@@ -1,9 +1,11 @@
 """
 `python train_small.py --compare=opd,trb,... --seeds=0,...,7`: the paper's comparison of behavior policies, repeated
-over seeds and paired by seed. Every method trains from the same teacher and, per seed, the same student init, data
-order and evaluation problems, so a method's difference to OPD is taken seed by seed and reported with a 95%
-confidence interval (Student's t over the paired differences), for the final pass@1 and for the area under the
-pass@1 curve (the mean over evaluations, less noisy than one point). Results go to out_dir as comparison.json,
+over seeds and paired by seed. An arm is a method with its own overrides (`trb:eps0=inf:lr=0.001`, config.arm_config).
+Every arm trains from the same teacher and, per seed, the same student init, data order, evaluation problems and
+rollout noise, so an arm's difference to the OPD arm is taken seed by seed and reported with a 95% confidence interval
+(Student's t over the paired differences): on the embedded task first for the continuous endpoints (held-out reverse
+KL to the teacher, reference solutions' log-likelihood), then for the final pass@1 and the area under the pass@1
+curve (the mean over evaluations, less noisy than one point). Results go to out_dir as comparison.json,
 comparison.md (the tables, then one held-out problem as each method's student finally writes it) and comparison.png
 (pass@1 against step with confidence bands, the paired difference to OPD, the budget and mean beta, the teacher
 log-prob of the rollouts). Runs go compare_workers at a time, each in its own process. Relaunched with --resume=true,

@@ -271,17 +271,17 @@ def report(results, cfg):
                      f"{'-' if logprob is None else f'{logprob:.3f}'} |")
     initial = next(iter(arms.values()))["initial"]
     lines += ["", f"Initial student pass@1 (the same for every arm): {cell(initial)}."]
-    paired = {r["label"]: r["vs_opd"] for r in arms.values() if "vs_opd" in r}
+    paired = [(r["label"], r["vs_opd"]) for r in arms.values() if "vs_opd" in r]  # a list: labels may repeat
     if paired:
-        keys = [(key, title) for key, title in shown if all(key in stats for stats in paired.values())]
+        keys = [(key, title) for key, title in shown if all(key in stats for _, stats in paired)]
         lines += ["", "Paired by seed, arm - OPD: mean [95% CI] (Student's t, n - 1 degrees of freedom)", "",
                   "| arm - opd | " + " | ".join(title for _, title in keys) + " | seeds |",
                   "|---" * (len(keys) + 2) + "|"]
-        for label, stats in paired.items():
+        for label, stats in paired:
             lines.append(f"| {label} | " + " | ".join(signed(stats[key]) for key, _ in keys) +
                          f" | {stats['final']['n_seeds']} |")
         lines.append("")
-        for label, stats in paired.items():
+        for label, stats in paired:
             lines.append(f"- {label} - opd: " + "; ".join(verdict(title, stats[key]) for key, title in keys) + ".")
     return "\n".join(lines) + "\n"
 

@@ -41,3 +41,23 @@ def test_verdict_says_significant_only_when_the_interval_excludes_zero():
                                                                          "n_seeds": 8})
     text = compare.verdict("trb - opd", {"mean": 0.05, "ci95": [0.01, 0.09], "n_seeds": 8})
     assert "significant at 8 seeds" in text and "not" not in text and "+0.050 [+0.010, +0.090]" in text
+
+
+def test_the_report_lists_every_arm_even_where_two_share_a_label():
+    """Two teacher-warmup arms (TRB at eps0 = inf with different learning rates) both get their row in the paired
+    table and their sentence, each with its own interval."""
+    from types import SimpleNamespace
+    arm = lambda label, final: {"label": label, "final": final, "auc": final, "best": final, "final_greedy": final,
+                                "initial": [0.0, 0.0, 0.0], "teacher_logprob_warmup": None}
+    methods = {"opd": arm("opd", [0.1, 0.2, 0.3]), "trb:eps0=inf:lr=0.001": arm("teacher warmup", [0.2, 0.3, 0.5]),
+               "trb:eps0=inf:lr=0.002": arm("teacher warmup", [0.0, 0.1, 0.1])}
+    for name in ("trb:eps0=inf:lr=0.001", "trb:eps0=inf:lr=0.002"):
+        methods[name]["vs_opd"] = {key: compare.paired_ci([a - b for a, b in zip(methods[name][key],
+                                                                                   methods["opd"][key])])
+                                   for key in ("final", "auc")}
+    cfg = SimpleNamespace(seeds="0,1,2", eval_every=25, eval_size=8, eval_samples=2, eval_temperature=1.0,
+                          max_steps=100, eps0=0.02, warmup_steps=50, student_sft_steps=100)
+    text = compare.report({"methods": methods, "seeds": [0, 1, 2]}, cfg)
+    paired = text.split("arm - opd")[1]
+    assert paired.count("| teacher warmup | +0.133") == 1 and paired.count("| teacher warmup | -0.133") == 1
+    assert text.count("- teacher warmup - opd:") == 2

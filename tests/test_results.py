@@ -64,3 +64,16 @@ def test_the_results_page_strength_table_is_plot_strengths_table_of_the_files():
     """docs/results.md quotes plot_strengths' table of the committed strengths exactly as the command prints it."""
     points = plot_strengths.strength_points([(str(s), RESULTS / f"strength{s}") for s in STRENGTHS])
     assert plot_strengths.table(points) in (ROOT / "docs" / "results.md").read_text()
+
+
+def test_the_readme_quotes_the_premise_experiment_file():
+    """The README's sentence on the premise quotes the strength-100 experiment's final held-out KL intervals (teacher
+    warmup - OPD, TRB at the half-gap budget - OPD), and the results page holds its tables verbatim."""
+    folder = ROOT / "docs" / "results" / "premise" / "strength100"
+    methods = json.loads((folder / "comparison.json").read_text())["methods"]
+    by_label = {row["label"]: row for row in methods.values()}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for label in ("teacher warmup", "trb:eps0=0.18:lr=0.002"):
+        assert signed(by_label[label]["vs_opd"]["final_kl"]) in readme
+    tables = (folder / "comparison.md").read_text().split("\nHeld-out problem 0")[0].strip()
+    assert tables in (ROOT / "docs" / "results.md").read_text()

@@ -53,6 +53,7 @@ from tqdm import tqdm
 import train_small
 from distill import compare, evaluation, models
 from distill.config import die, load_config, usage
+from scripts import probe_budget
 
 DEFAULTS = {"arms": "0,inf", "updates": "20", "repeats": "32", "eval_problems": "200", "samples": "2",
             "out": "runs/prefix_test"}
@@ -86,17 +87,7 @@ def options(argv):
 def parse_arms(text):
     """The arms' budgets in the order given, repeats kept (two equal arms are a check of the pairing), 0 first where
     missing."""
-    if not text.strip():
-        die("--arms: empty (comma-separated budgets eps >= 0, inf allowed)")
-    arms = []
-    for word in text.split(","):
-        try:
-            eps = float(word)
-        except ValueError:
-            die(f"--arms: {word!r} is not a number (comma-separated budgets eps >= 0, inf allowed)")
-        if not eps >= 0:  # NaN included
-            die(f"--arms: {word!r} must be >= 0 (inf allowed)")
-        arms.append(eps + 0.0)  # -0 is 0
+    arms = probe_budget.budgets(text, "--arms")
     return arms if 0.0 in arms else [0.0, *arms]
 
 

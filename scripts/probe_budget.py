@@ -43,21 +43,28 @@ def options(argv):
             found[name] = value
         else:
             rest.append(arg)
-    if not found["eps_grid"].strip():
-        die("--eps_grid: empty (comma-separated numbers >= 0, inf allowed)")
-    grid = {0.0, math.inf}
-    for word in found["eps_grid"].split(","):
-        try:
-            eps = float(word)
-        except ValueError:
-            die(f"--eps_grid: {word!r} is not a number (comma-separated numbers >= 0, inf allowed)")
-        if not eps >= 0:  # NaN included
-            die(f"--eps_grid: {word!r} must be >= 0 (inf allowed)")
-        grid.add(eps + 0.0)  # -0 is 0
+    grid = {0.0, math.inf, *budgets(found["eps_grid"], "--eps_grid")}
     rows = found["rows"]
     if rows is not None and not (rows.isdigit() and int(rows) >= 1):
         die(f"--rows: expected a positive integer, got {rows!r}")
     return sorted(grid), int(rows) if rows else None, rest
+
+
+def budgets(text, option):
+    """The comma-separated budgets eps >= 0 (inf allowed) of an option, in the order given; an empty list, a word that
+    is not a number or a negative one (NaN included) stops with one line naming the option."""
+    if not text.strip():
+        die(f"{option}: empty (comma-separated numbers >= 0, inf allowed)")
+    found = []
+    for word in text.split(","):
+        try:
+            eps = float(word)
+        except ValueError:
+            die(f"{option}: {word!r} is not a number (comma-separated numbers >= 0, inf allowed)")
+        if not eps >= 0:  # NaN included
+            die(f"{option}: {word!r} must be >= 0 (inf allowed)")
+        found.append(eps + 0.0)  # -0 is 0
+    return found
 
 
 def step0_questions(train, cfg, rows):

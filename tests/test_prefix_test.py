@@ -16,13 +16,7 @@ import train_small  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from scripts import prefix_test  # noqa: E402
 
-# A few-second configuration (test_probe_budget's): 1-layer models, 2-digit sums, a teacher trained far enough to be
-# sharp, 8 prompts x 2 rollouts of up to 16 tokens per update.
-TINY = ["--task_digits=2", "--train_size=300", "--eval_size=6", "--eval_samples=2", "--eval_batch_size=16",
-        "--teacher_layers=1", "--teacher_hidden=64", "--teacher_sft_steps=150", "--teacher_sft_lr=0.01",
-        "--student_layers=1", "--student_hidden=32", "--student_sft_steps=2", "--student_sft_examples=8",
-        "--sft_batch_size=16", "--batch_size=8", "--rollouts_per_prompt=2", "--max_new_tokens=16",
-        "--eval_max_new_tokens=16"]
+from test_probe_budget import TINY  # noqa: E402 - its few-second configuration
 # Three arms (OPD twice, then the teacher), 3 repeats of 3 updates; every held-out problem (eval_size 6) x 2 samples,
 # which is training's own evaluation, so that repeat 0 can be checked against a training run.
 ARGS = ["--arms=0,0,inf", "--updates=3", "--repeats=3", "--eval_problems=6", "--samples=2"]

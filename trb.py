@@ -263,15 +263,20 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _sample(log_probs, noise):
-    """(B, V) log-probabilities -> (B,) token ids: the argmax for noise None (greedy), else the exact draw
-    argmax_a log p(a) - log E(a) with E (B, V) ~ Exp(1) drawn by the caller (the Gumbel-max trick)."""
-    return log_probs.argmax(dim=-1) if noise is None else (log_probs - noise.log()).argmax(dim=-1)
+def _sample(log_probs, u):
+    """(B, V) log-probabilities -> (B,) token ids: the argmax for u None (greedy), else the exact draw by inverse CDF
+    for u (B,) ~ U[0, 1): the first token whose float64 cumulative probability (a token is lost to rounding only below
+    1e-16 of the mass before it) passes u * total, a target kept below the total, so never a zero-probability token."""
+    if u is None:
+        return log_probs.argmax(dim=-1)
+    cdf = log_probs.to(torch.float64, copy=True).exp_().cumsum_(-1)  # (B, V)
+    target = torch.minimum(u[:, None] * cdf[:, -1:], torch.nextafter(cdf[:, -1:], torch.zeros_like(cdf[:, -1:])))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
-def blend_token_rule(student_logits, teacher_logits, eps, noise, buffers=None):
+def blend_token_rule(student_logits, teacher_logits, eps, u, buffers=None):
     """The default token rule: beta* (E4) per row (buffers: solve_beta's), a draw from mu_beta* (E3); no teacher: pi_S.
-    noise: None (greedy) or (draws, B, V) Exp(1). Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
+    u: None (greedy) or (draws, B) uniforms in [0, 1), one per draw and row. Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)
@@ -280,7 +285,7 @@ def blend_token_rule(student_logits, teacher_logits, eps, noise, buffers=None):
         beta = solve_beta(student_logits, teacher_logits, eps, buffers=buffers)  # (B,)
         log_mu = blend_logprobs(student_logits, teacher_logits, beta)  # (B, V)
         kl = _kl(log_mu, log_ps)
-    token = _sample(log_mu, None if noise is None else noise[0])  # (B,)
+    token = _sample(log_mu, None if u is None else u[0])  # (B,)
     return dict(token=token, beta=beta, behavior_logprobs=log_mu.gather(-1, token[:, None]).squeeze(-1),
                 realised_kl=kl, replaced=torch.zeros_like(token, dtype=torch.bool))
 
@@ -292,13 +297,13 @@ def skd_token_rule(top_k, teacher_temperature):
     """SKD-style injection (docs/method.md section 6): the student proposes a token; outside the teacher's top_k a fresh
     teacher sample at teacher_temperature replaces it. The behavior distribution is known exactly:
         q(a) = pi_S(a) [a in top_k(pi_T)] + pi_S(outside top_k) * pi_T^(1/tau_T)(a)."""
-    def rule(student_logits, teacher_logits, eps, noise, buffers=None):
+    def rule(student_logits, teacher_logits, eps, u, buffers=None):
         log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
         log_pt_tau = torch.log_softmax(teacher_logits / teacher_temperature, dim=-1)  # (B, V)
         top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
         in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, top, True)  # (B, V)
-        proposal = _sample(log_ps, None if noise is None else noise[0])  # (B,)
-        fresh = _sample(log_pt_tau, None if noise is None else noise[1])  # (B,)
+        proposal = _sample(log_ps, None if u is None else u[0])  # (B,)
+        fresh = _sample(log_pt_tau, None if u is None else u[1])  # (B,)
         keep = in_top.gather(-1, proposal[:, None]).squeeze(-1)  # (B,)
         token = torch.where(keep, proposal, fresh)
         log_outside = torch.logsumexp(log_ps.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)  # (B, 1)
@@ -313,15 +318,11 @@ def skd_token_rule(top_k, teacher_temperature):
 CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
 
 
-def last_position(ids):
-    """logits_to_keep for the last position of ids (B, T): its index (1,), which gathers a contiguous (B, 1, H)."""
-    return torch.tensor([ids.shape[1] - 1], device=ids.device)
-
-
 def _last_logits(model, ids, mask, positions, cache, vocab_size):
-    """One forward with the model's KV cache (updated in place): (B, V) float32 logits of the last position."""
+    """One forward with the model's KV cache (updated in place): (B, V) float32 logits of the last position, kept by its
+    index (1,), which gathers a contiguous (B, 1, H) (a logits_to_keep=1 slice would be a strided view)."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=last_position(ids), **{CACHE_KEYWORD: cache})
+                logits_to_keep=torch.tensor([ids.shape[1] - 1], device=ids.device), **{CACHE_KEYWORD: cache})
     return out.logits[:, -1, :vocab_size].float()
 
 
@@ -373,12 +374,11 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     rows = decoding.rows(B)
     input_ids, attention_mask = (torch.cat([x, x[:1].expand(rows - B, -1)]) for x in (input_ids, attention_mask))
 
-    def noise():  # (draws, rows, V) Exp(1) for the Gumbel-max draw, drawn for the B real rows only
+    def uniforms():  # (draws, rows) U[0, 1): one per draw and real row, in a fixed order; the extra rows get 0
         if greedy:
             return None
-        draws = getattr(token_rule, "draws", 1)
-        real = torch.empty(draws, B, vocab_size, device=device).exponential_(generator=generator)
-        return torch.cat([real, real.new_ones(draws, rows - B, vocab_size)], dim=1)
+        real = torch.rand(getattr(token_rule, "draws", 1), B, dtype=torch.float64, device=device, generator=generator)
+        return torch.cat([real, real.new_zeros(real.shape[0], rows - B)], dim=1)
     # 1. Prefill each model once over the prompt; afterwards only the newest token is fed.
     caches, length = decoding.new_caches(models, rows, P, max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - P)], dim=-1)  # (rows, L)
@@ -392,7 +392,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
         # 2. Pick the token: both models' logits at the temperature with one stop event, then the token rule.
         step_logits = [canonicalise_eos(x / tau, eos_ids) for x in logits]
         teacher_logits = step_logits[1] if use_teacher else None
-        step = token_rule(step_logits[0], teacher_logits, eps, noise(), decoding.solver_buffers)
+        step = token_rule(step_logits[0], teacher_logits, eps, uniforms(), decoding.solver_buffers)
         if use_teacher:
             log_pt = torch.log_softmax(teacher_logits, dim=-1)  # (rows, V)
             step["teacher_logprobs"] = log_pt.gather(-1, step["token"][:, None]).squeeze(-1)

@@ -172,6 +172,43 @@ def test_seeded_determinism():
     assert not torch.equal(a.sequences, c.sequences)
 
 
+# The 0.999 quantile of the chi-square distribution with 10 degrees of freedom (tables; scipy is not a dependency).
+CHI2_10_999 = 29.588
+
+
+def test_inverse_cdf_draw_matches_the_probabilities():
+    """trb._sample's draw from one uniform per row: 200,000 draws over 12 tokens (one at -inf, one of probability
+    1e-3) pass a chi-square test against the probabilities at the 0.001 level (fixed seed), and the -inf token is
+    never drawn. The draw is exact, so a wrong rule (say, an off-by-one in the search) fails by far."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, generator=g) * 2
+    logits[4], logits[7] = -math.inf, logits.logsumexp(0) + math.log(1e-3)
+    log_p = torch.log_softmax(logits, 0)
+    n = 200_000
+    u = torch.rand(n, dtype=torch.float64, generator=g)
+    tokens = trb._sample(log_p.expand(n, -1), u)
+    counts = torch.bincount(tokens, minlength=12).double()
+    expected = log_p.double().exp() * n
+    assert counts[4] == 0
+    keep = expected > 0
+    chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < CHI2_10_999, chi2
+    shifted = trb._sample(log_p.expand(n, -1), (u + 1 / 12) % 1)  # a draw with the wrong uniforms: far off
+    assert chi2 < float(((torch.bincount(tokens, minlength=12) - torch.bincount(shifted, minlength=12)) ** 2).sum())
+
+
+def test_inverse_cdf_draw_keeps_the_tail_and_never_draws_a_zero():
+    """float64 sums keep a token of probability 1e-12 after half the mass (float32 sums would lose it); u at 0 and
+    just below 1 give the first and last tokens of nonzero probability, with zeros before, between and after."""
+    p = torch.tensor([0.0, 0.5, 1e-12, 0.0, 0.5 - 1e-12, 0.0, 0.0], dtype=torch.float64)
+    log_p = p.log().float().expand(4, -1)
+    cdf = log_p[0].double().exp().cumsum(0)  # the float32 log-probabilities' own sums: token 2's interval is ~1e-12
+    assert cdf[2] - cdf[1] < 2e-12 and cdf[1].float() == cdf[2].float()
+    u = torch.tensor([0.0, float((cdf[1] + cdf[2]) / 2 / cdf[-1]), 0.75, 1 - 2 ** -53], dtype=torch.float64)
+    assert trb._sample(log_p, u).tolist() == [1, 2, 4, 4]
+    assert trb._sample(log_p, None).tolist() == [1] * 4  # greedy: the first of the tied maxima
+
+
 def test_teacher_none_at_eps0():
     """teacher=None works at eps = 0, equals the student-only rollout with a teacher passed (bitwise: at eps = 0 the
     teacher is never run, so both take the same code path), and reports beta = 0."""

@@ -157,17 +157,19 @@ def make_optimizer(student, cfg):
 def forward_completions(model, sequences, mask, P, V, hidden):
     """
     Logits (B, N, V) or last hidden states (B, N, H) at the positions that predict the N completion tokens, and
-    nothing else kept: no KV cache, no per-layer hidden states (2.5 GB per 8k-token row of an 8B teacher).
+    nothing else computed or kept: the head multiplies those N positions only (hidden: none), no KV cache, no per-layer
+    hidden states (2.5 GB per 8k-token row of an 8B teacher).
     """
     inputs = dict(input_ids=sequences, attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False)
+    predicting = torch.arange(P - 1, sequences.shape[1] - 1, device=sequences.device)  # (N,) by index: contiguous
     if not hidden:
-        return model(**inputs).logits[:, P - 1:-1, :V]
+        return model(**inputs, logits_to_keep=predicting).logits[..., :V]
     # The final norm's output, caught on its way out of the decoder, through the root forward (not the decoder
-    # alone) so that FSDP's root hooks gather embeddings, norm and head; the head then multiplies one position only.
+    # alone) so that FSDP's root hooks gather embeddings, norm and head; the head then multiplies no position.
     caught = []
     handle = model.get_decoder().register_forward_hook(lambda module, args, out: caught.append(out[0]))
     try:
-        model(**inputs, logits_to_keep=trb.last_position(sequences))
+        model(**inputs, logits_to_keep=predicting[:0])
     finally:
         handle.remove()
     return caught[0][:, P - 1:-1]  # (B, N, H)
@@ -262,7 +264,7 @@ def train_step(run, questions, step):
             # 3) E1: reverse KL to the teacher at every completion token, with one stop event as in the rollout
             if cfg.chunked_loss:
                 loss = fast.chunked_opd_loss(student_out, runtime.head_weight(student, V), teacher_out, teacher_head,
-                                             completion_mask, chunk_size=cfg.loss_chunk_size, topk=cfg.loss_topk,
+                                             completion_mask, chunk_mib=cfg.loss_chunk_mib, topk=cfg.loss_topk,
                                              eos_ids=run.eos_ids)
             else:
                 student_out, teacher_out = (trb.canonicalise_eos(x, run.eos_ids) for x in (student_out, teacher_out))
@@ -273,7 +275,7 @@ def train_step(run, questions, step):
             if not decoder.rollout_diagnostics:  # the engine returns tokens only: the diagnostics from this forward
                 heads = (runtime.head_weight(student, V), teacher_head) if cfg.chunked_loss else None
                 visited += vllm_engine.visited_sums(student_out, teacher_out, heads, sequences[:, p:],
-                                                    completion_mask, kwargs, run.eos_ids, cfg.loss_chunk_size)
+                                                    completion_mask, kwargs, run.eos_ids, cfg.loss_chunk_mib)
         # opd_loss is a mean over this micro-batch's tokens: make it their sum / the step's tokens, so the accumulated
         # gradients are the full batch's. Backward of loss * world: FSDP's reduce-scatter averages over ranks.
         loss = loss * (int(completion_mask.sum()) / max(total_tokens, 1))

@@ -157,8 +157,9 @@ def test_evaluation_decodes_at_most_eval_batch_size_rows_per_call(qwen3_folders,
 
 
 def test_loss_forwards_keep_no_cache_and_no_per_layer_hidden_states():
-    """The loss forwards ask for neither a KV cache nor every layer's hidden states, and the hidden-state path returns
-    the final norm's output at the completion positions, as output_hidden_states' last entry."""
+    """The loss forwards ask for neither a KV cache nor every layer's hidden states, the head multiplies only the
+    positions the loss reads, and the hidden-state path returns the final norm's output at the completion positions,
+    as output_hidden_states' last entry."""
     tokenizer = synthetic_task.char_tokenizer()
     model = synthetic_task.tiny_qwen3(tokenizer, 2, 32, seed=0).eval()
     seen = []
@@ -172,7 +173,8 @@ def test_loss_forwards_keep_no_cache_and_no_per_layer_hidden_states():
     for kwargs, out in seen[:2]:  # the two loss forwards (not the reference)
         assert kwargs["use_cache"] is False and not kwargs.get("output_hidden_states")
         assert out.cache is None and out.hidden_states is None
-    assert seen[0][1].logits.shape[1] == 1  # the head multiplies one position in the hidden-state path
+    assert seen[0][1].logits.shape[1] == 0  # the hidden-state path: the head multiplies no position
+    assert seen[1][1].logits.shape[1] == 5  # the logits path: only the 5 positions that predict completion tokens
     torch.testing.assert_close(hidden, reference.hidden_states[-1][:, 3:-1], rtol=0, atol=0)  # the same ops
     torch.testing.assert_close(logits, reference.logits[:, 3:-1], rtol=1e-6, atol=1e-6)
 
@@ -261,7 +263,7 @@ def largest_allocation(run):
 
 def test_no_prefill_or_loss_forward_copies_the_head(qwen3_folders):
     """The models load_models returns never copy their heads: a prefill of 3 rows and the loss's hidden-state forward
-    of 1 row (each keeping the last position by an index, trb.last_position; a strided logits_to_keep=1 slice
+    of 1 row (each keeping its positions by an index; a strided logits_to_keep=1 slice
     would make torch.matmul multiply by a per-row copy of the frozen head) allocate less than the (V, H) head."""
     cfg = real_config(qwen3_folders, "--dtype=bfloat16")
     _, _, teacher, _ = models.load_models(cfg, None, None)

@@ -125,7 +125,8 @@ class Config:
     weight_decay: float = key("AdamW weight decay (paper)", at_least(0))
     grad_clip: float = key("gradient-norm clip (paper)", above(0))
     chunked_loss: bool = key("true: fast.chunked_opd_loss from hidden states (large vocabularies), false: trb.opd_loss")
-    loss_chunk_size: int = key("tokens per chunk of chunked_opd_loss", at_least(1))
+    loss_chunk_mib: float = key("MiB of one chunk's float32 logits in chunked_opd_loss (at least one position a chunk)",
+                                above(0))
     loss_topk: int = key("0 = exact full-vocabulary KL; k > 0 = the paper's student top-k estimate", at_least(0))
     activation_checkpointing: bool = key("recompute each decoder layer of the student in backward (less activation "
                                          "memory, ~1/3 more compute)")

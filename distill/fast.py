@@ -57,6 +57,7 @@ class ReverseKL(torch.autograd.Function):
 
 
 HEAD_BLOCK_ROWS = 4096  # rows of a bf16 head cast to float32 at a time by head_logits (64 MiB of a 4096-wide head)
+FP32_BYTES = 4
 
 
 class Head(torch.autograd.Function):
@@ -126,24 +127,32 @@ def _chunk_kl_sum(student_hidden, student_head_weight, teacher_hidden, teacher_h
     return trb.topk_reverse_kl(student_logits, teacher_logits, topk).sum()
 
 
+def chunk_rows(chunk_mib, vocab):
+    """Positions per chunk of the chunked loss: as many float32 logit rows (V * 4 bytes each) as fit in chunk_mib MiB,
+    and at least one (a single row over the budget is the least a chunk can hold)."""
+    return max(1, int(chunk_mib * 2 ** 20) // (FP32_BYTES * vocab))
+
+
 def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask,
-                     chunk_size=1024, topk=0, eos_ids=()):
+                     chunk_mib=64.0, topk=0, eos_ids=()):
     """
     E1 from hidden states: equal in value and gradients to
         trb.opd_loss(student_hidden @ student_head_weight.T, teacher_hidden @ teacher_head_weight.T, mask, topk)
-    without ever holding the (B, T, V) logits. Masked-in positions are gathered (n, H), processed `chunk_size` at a
-    time, and each chunk is recomputed in the backward pass (activation checkpointing), so peak extra memory is about
-    a few (chunk_size, V) float32 buffers. student_hidden (B, T, Hs), student_head_weight (V, Hs); the teacher's
-    hidden size Ht may differ. eos_ids: with several, both models' logits are canonicalised (trb.canonicalise_eos) per
-    chunk, as opd_loss's callers do to the logits they pass.
+    without ever holding the (B, T, V) logits. Masked-in positions are gathered (n, H), processed chunk_rows(chunk_mib,
+    V) at a time, so one chunk's float32 logits take at most chunk_mib MiB whatever V, T and B are, and each chunk is
+    recomputed in the backward pass (activation checkpointing): peak extra memory is a few such buffers (memory_plan's
+    LOSS_CHUNK_BUFFERS). student_hidden (B, T, Hs), student_head_weight (V, Hs); the teacher's hidden size Ht may
+    differ. eos_ids: with several, both models' logits are canonicalised (trb.canonicalise_eos) per chunk, as
+    opd_loss's callers do to the logits they pass.
     """
-    if mask.dtype != torch.bool or topk < 0 or chunk_size <= 0:
-        raise ValueError(f"need a bool mask, topk >= 0 and chunk_size > 0, got {mask.dtype}, {topk}, {chunk_size}")
+    if mask.dtype != torch.bool or topk < 0 or not chunk_mib > 0:
+        raise ValueError(f"need a bool mask, topk >= 0 and chunk_mib > 0, got {mask.dtype}, {topk}, {chunk_mib}")
     hs = student_hidden[mask]  # (n, Hs)
     ht = teacher_hidden[mask].detach()  # (n, Ht)
     total = (hs.sum() * 0).to(trb.compute_dtype(hs))  # 0, with a grad_fn even when no position is masked in
-    for start in range(0, hs.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
+    rows = chunk_rows(chunk_mib, student_head_weight.shape[0])
+    for start in range(0, hs.shape[0], rows):
+        chunk = slice(start, start + rows)
         args = (hs[chunk], student_head_weight, ht[chunk], teacher_head_weight.detach(), topk, list(eos_ids))
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)

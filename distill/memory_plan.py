@@ -24,10 +24,10 @@ from distill.config import die
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
 CUDA_CONTEXT = 2 * GiB  # CUDA context, cuBLAS workspaces and NCCL buffers: a fixed allowance
-# float32 (rows, V) buffers alive at once in one token of blended decoding: both models' logits, the Exp(1) noise, and
-# blend_logprobs' log pi_S, r, the blend and its fallback (measured: 10.7 at the peak, see README)
+# float32 (rows, V) buffers alive at once in one token of blended decoding: both models' logits, blend_logprobs' log
+# pi_S, r, the blend and its fallback, and the draw's float64 cumulative sums (two buffers' worth)
 TOKEN_RULE_BUFFERS = 12
-STUDENT_RULE_BUFFERS = 7  # the same with the student alone (evaluation): its logits, the noise, log pi_S (measured: 6)
+STUDENT_RULE_BUFFERS = 7  # the same with the student alone (evaluation): its logits, log pi_S, the draw's float64 sums
 SOLVER_BUFFERS = 5  # float32 (rows, V) buffers of trb.solve_beta, kept between tokens (fast.SolverBuffers)
 # float32 (chunk, V) buffers of one chunk of chunked_opd_loss, forward or backward: student logits, pi_S, log-ratio,
 # gradient (measured: 4 in each, with two EOS ids)
@@ -204,7 +204,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         # the teacher's final hidden state (all positions: the loss's completion positions are a view of it), and
         # its completion rows gathered
         teacher_out = (tokens + completions) * teacher.hidden * BF16
-        chunk = min(cfg.loss_chunk_size, completions)
+        chunk = min(fast.chunk_rows(cfg.loss_chunk_mib, V), completions)
         loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
                 + (chunk + fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
         if teacher_sharded:
@@ -268,7 +268,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
                   "weight sync: one parameter gathered": sync}
         rollout = evaluation = engine
         loss_forward["rollout diagnostics from the loss forward"] = (
-            DIAGNOSTIC_BUFFERS * min(cfg.loss_chunk_size, micro_rows * cfg.max_new_tokens) * V * FP32)
+            DIAGNOSTIC_BUFFERS * min(fast.chunk_rows(cfg.loss_chunk_mib, V), micro_rows * cfg.max_new_tokens) * V * FP32)
     moments = dict(zip(MOMENTS, ({**rest, **extra} for extra in ({}, rollout, loss_forward, loss_backward, optimizer,
                                                                  evaluation))))
     engine_short = cfg.engine == "vllm" and BF16 * (Ns + Nt) >= fraction * gpu_gib * GiB

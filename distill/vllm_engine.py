@@ -429,18 +429,19 @@ def memory_fraction(cfg, student, teacher, gpu_bytes):
 
 
 @torch.no_grad()
-def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids, chunk_size):
+def visited_sums(student_out, teacher_out, heads, tokens, mask, kwargs, eos_ids, chunk_mib):
     """
     (4,) sums over the completion tokens (mask (B, N)) of beta*, KL(mu* || pi_S), log pi_T(token) and H(pi_T), at the
     rollout's eps and temperature: the diagnostics blended_generate logs, recomputed from the loss forward for a
     rollout that carries none (the vLLM engine's). student_out, teacher_out: (B, N, V) logits, or (B, N, H) hidden
-    states with heads = (student head, teacher head).
+    states with heads = (student head, teacher head); chunk_mib: the loss's byte budget (fast.chunk_rows).
     """
     eps, tau = kwargs["eps"], kwargs["temperature"] or 1.0
     student_out, teacher_out, tokens = student_out[mask], teacher_out[mask], tokens[mask]  # (n, .)
     total = torch.zeros(4)
-    for start in range(0, tokens.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
+    rows = fast.chunk_rows(chunk_mib, heads[0].shape[0] if heads is not None else student_out.shape[-1])
+    for start in range(0, tokens.shape[0], rows):
+        part = slice(start, start + rows)
         s, t = student_out[part].detach(), teacher_out[part]
         if heads is not None:
             s, t = fast.head_logits(s, heads[0]), fast.head_logits(t, heads[1])

@@ -111,21 +111,21 @@ def token_rule_ops(reads, B=16, V=151936, eps=0.02):
     On a GPU each op is at least one kernel launch."""
     from torch.profiler import ProfilerActivity, profile
     student, teacher = solve_inputs(B, V)
-    noise = torch.empty(1, B, V).exponential_(generator=torch.Generator().manual_seed(1))
+    u = torch.rand(1, B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     may_read = trb.may_read
     trb.may_read = may_read if reads else (lambda x: False)
     buffers = fast.SolverBuffers()  # as blended_generate passes them with fast.Decoding
     try:
-        trb.blend_token_rule(student, teacher, eps, noise, buffers)
+        trb.blend_token_rule(student, teacher, eps, u, buffers)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            trb.blend_token_rule(student, teacher, eps, noise, buffers)
+            trb.blend_token_rule(student, teacher, eps, u, buffers)
     finally:
         trb.may_read = may_read
     top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
     return len(top), sum(e.cpu_time_total for e in top) / 1e3
 
 
-def _peak_memory_child(mode, chunk_size):
+def _peak_memory_child(mode, chunk_mib):
     """Run in a fresh process: peak extra RSS (MiB) of one forward + backward of the loss."""
     torch.manual_seed(0)
     N, H, V = 2048, 256, 151936  # B*T = 2048 positions
@@ -139,7 +139,7 @@ def _peak_memory_child(mode, chunk_size):
     if mode == "dense":
         loss = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
     else:
-        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=chunk_mib)
     loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(extra_mib=(after - before) / 1024, loss=loss.item())))
@@ -148,7 +148,7 @@ def _peak_memory_child(mode, chunk_size):
 def bench_memory(args):
     """Peak extra memory (forward + backward) of chunked_opd_loss vs dense logits, each in a fresh process."""
     results = {}
-    for mode, chunk in (("dense", 0), ("chunked", 1024), ("chunked", 256)):
+    for mode, chunk in (("dense", 0), ("chunked", 593.5), ("chunked", 64), ("chunked", 16)):
         out = subprocess.run([sys.executable, "-m", "scripts.bench", "_memory_child", mode, str(chunk)],
                              cwd=ROOT, capture_output=True, text=True, check=True)
         results[(mode, chunk)] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,7 +158,8 @@ def bench_memory(args):
     print(f"  dense logits                  {dense['extra_mib']:8.0f} MiB   loss {dense['loss']:.6f}")
     for (mode, chunk), row in results.items():
         if mode == "chunked":
-            print(f"  chunked, chunk_size={chunk:<5}    {row['extra_mib']:8.0f} MiB   loss {row['loss']:.6f}   "
+            print(f"  chunked, {chunk:5g} MiB ({fast.chunk_rows(chunk, 151936):4d} rows)  {row['extra_mib']:8.0f} MiB   "
+                  f"loss {row['loss']:.6f}   "
                   f"= {row['extra_mib'] / dense['extra_mib']:.3f} of dense")
     return results
 
@@ -180,8 +181,8 @@ def reencode_generate(student, teacher, input_ids, attention_mask, eps, max_new_
         kwargs = dict(attention_mask=mask, position_ids=trb.position_ids(mask), use_cache=False, logits_to_keep=1)
         s = student(ids, **kwargs).logits[:, -1].float()
         t = teacher(ids, **kwargs).logits[:, -1].float()
-        noise = torch.empty(1, *s.shape).exponential_(generator=generator)  # (1, B, V) Exp(1)
-        token = trb.blend_token_rule(s, t, eps, noise)["token"]
+        u = torch.rand(1, s.shape[0], dtype=torch.float64, generator=generator)  # (1, B) U[0, 1)
+        token = trb.blend_token_rule(s, t, eps, u)["token"]
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
@@ -303,10 +304,10 @@ def bench_decode(args):
                         t_theirs.append(timed(theirs))
                     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else math.nan
                     logits = torch.randn(2, B, V, generator=g, device=device) * 3
-                    noise = torch.empty(1, B, V, device=device).exponential_(generator=g)
+                    u = torch.rand(1, B, dtype=torch.float64, device=device, generator=g)
                     eps, rule = 0.02, trb.blend_token_rule  # eager in every setting, as blended_generate runs it
-                    rule(logits[0], logits[0] + logits[1], eps, noise)  # warm-up
-                    t_rule = statistics.median(timed(lambda: rule(logits[0], logits[0] + logits[1], eps, noise))
+                    rule(logits[0], logits[0] + logits[1], eps, u)  # warm-up
+                    t_rule = statistics.median(timed(lambda: rule(logits[0], logits[0] + logits[1], eps, u))
                                                for _ in range(20))
                     t_o, t_t = statistics.median(t_ours), statistics.median(t_theirs)
                     print(f"  {s_name + ' <- ' + t_name:20s} {B:4d} {N:5d} {setting:16s} {B * N / t_o:11.0f} "
@@ -465,7 +466,7 @@ def main():
         raise SystemExit(f"error: --dtype: expected float32 or bfloat16, got {args.dtype!r}")
     torch.set_num_threads(args.threads)
     if args.which[:1] == ["_memory_child"]:
-        return _peak_memory_child(args.which[1], int(args.which[2]))
+        return _peak_memory_child(args.which[1], float(args.which[2]))
     if args.which[:1] == ["_solve_child"]:
         return _solve_child(int(args.which[1]), int(args.which[2]))
     for name in args.which:

@@ -61,7 +61,7 @@ def qwen3_args(folders, out_dir, *extra):
             "--num_threads=1", "--batch_size=2", "--rollouts_per_prompt=2", "--max_new_tokens=4",
             "--eval_max_new_tokens=4", "--max_steps=1", "--eval_size=2", "--eval_samples=1", "--eval_every=0",
             "--checkpoint_every=0", "--rollout_batch_size=2", "--micro_batch_size=2", "--eval_batch_size=2",
-            "--loss_chunk_size=8", f"--out_dir={out_dir}", *extra]
+            "--loss_chunk_mib=4.7", f"--out_dir={out_dir}", *extra]
 
 
 def folder_state(path):

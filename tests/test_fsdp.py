@@ -149,7 +149,7 @@ def test_fsdp_rollout_and_micro_batching_leave_the_step_unchanged(runs):
 
 def test_chunked_loss_with_replicated_teacher_reproduces_single_process(runs):
     """chunked_opd_loss (head weights used outside FSDP's forward), replicated teacher: losses, weights within 1e-4."""
-    extra = ["--chunked_loss=true", "--loss_chunk_size=5", "--max_steps=3", "--checkpoint_every=0"]
+    extra = ["--chunked_loss=true", "--loss_chunk_mib=0.00035", "--max_steps=3", "--checkpoint_every=0"]
     train_small(runs / "small_chunked", runs / "cache", *extra)
     run(fsdp_command(runs / "fsdp_chunked", runs / "cache", *extra, "--teacher_sharding=replicate"))
     for a, b in zip(metrics(runs / "small_chunked")[1:], metrics(runs / "fsdp_chunked")[1:], strict=True):

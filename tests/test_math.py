@@ -323,6 +323,36 @@ def test_topk_equal_to_vocab_is_exact():
     assert trb.opd_loss(s, t, mask, topk=k).item() == pytest.approx(expected.item(), rel=1e-5)  # float32 vs float64
 
 
+def rows_mib(rows, V):
+    """The byte budget (MiB) of exactly `rows` float32 logit rows of width V."""
+    return rows * V * 4 / 2 ** 20
+
+
+@pytest.mark.parametrize("V, mib, rows", [(151936, 64, 110), (151936, 0.25, 1), (262144, 1, 1), (33, rows_mib(4, 33), 4),
+                                          (248320, 64, 67), (32000, 593.5, 4861)])
+def test_chunk_rows_keep_one_chunks_float32_logits_within_the_budget(V, mib, rows):
+    """chunk_rows: the most float32 logit rows of width V within mib MiB, and one where a single row is over it."""
+    assert fast.chunk_rows(mib, V) == rows
+    assert rows * V * 4 <= mib * 2 ** 20 or rows == 1
+    assert (rows + 1) * V * 4 > mib * 2 ** 20
+
+
+@pytest.mark.parametrize("B, T, V, mib", [(1, 40, 151936, 2.0), (3, 17, 5000, 0.05), (2, 9, 7, 1e-5)])
+def test_chunked_opd_loss_holds_at_most_the_budget_of_logits_at_once(monkeypatch, B, T, V, mib):
+    """Whatever the batch, length and vocabulary, every chunk chunked_opd_loss computes holds at most mib MiB of
+    float32 logits (one row where a row alone is over it), and the chunks cover every masked-in position once."""
+    seen = []
+    chunk_kl_sum = fast._chunk_kl_sum
+    monkeypatch.setattr(fast, "_chunk_kl_sum", lambda hs, *rest: seen.append(hs.shape[0]) or chunk_kl_sum(hs, *rest))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    with torch.no_grad():
+        fast.chunked_opd_loss(torch.randn(B, T, 4, generator=g), torch.randn(V, 4, generator=g),
+                              torch.randn(B, T, 3, generator=g), torch.randn(V, 3, generator=g), mask, chunk_mib=mib)
+    assert sum(seen) == int(mask.sum()) and len(seen) > 1
+    assert all(n * V * 4 <= mib * 2 ** 20 or n == 1 for n in seen)
+
+
 @pytest.mark.parametrize("topk", [0, 5])
 def test_chunked_opd_loss_equals_dense(topk):
     """chunked_opd_loss equals opd_loss on materialised logits in value and all gradients, chunk not dividing n."""
@@ -335,7 +365,7 @@ def test_chunked_opd_loss_equals_dense(topk):
     assert mask.sum() % 4 != 0
     dense = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask, topk=topk)
     dense_grads = torch.autograd.grad(dense, (hs, ws))
-    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4, topk=topk)
+    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(4, V), topk=topk)
     chunked_grads = torch.autograd.grad(chunked, (hs, ws))
     # float32, other op order (matmul shapes, chunked sums, the analytic gradient pi_S (d - KL) with d ~ 10): a few ulp
     # of O(1) values, up to 4.5e-7 measured on entries near 0, so atol 1e-5 (1e-6 left only a 3.7x margin).
@@ -344,7 +374,8 @@ def test_chunked_opd_loss_equals_dense(topk):
     for got, want in zip(chunked_grads, dense_grads):
         torch.testing.assert_close(got, want, **close)
     with torch.no_grad():
-        torch.testing.assert_close(fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, topk=topk), dense, **close)
+        torch.testing.assert_close(fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(3, V), topk=topk),
+                                   dense, **close)
 
 
 def test_chunked_opd_loss_canonicalises_eos():
@@ -356,12 +387,12 @@ def test_chunked_opd_loss_canonicalises_eos():
     mask = torch.ones(2, 5, dtype=torch.bool)
     eos = [3, 17]
     dense = trb.opd_loss(trb.canonicalise_eos(hs @ ws.T, eos), trb.canonicalise_eos(ht @ wt.T, eos), mask)
-    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3, eos_ids=eos)
+    chunked = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(3, 20), eos_ids=eos)
     close = dict(rtol=1e-5, atol=1e-5)  # float32, other op order over V=20: as in test_chunked_opd_loss_equals_dense
     torch.testing.assert_close(chunked, dense, **close)
     for got, want in zip(torch.autograd.grad(chunked, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         torch.testing.assert_close(got, want, **close)
-    assert not torch.allclose(chunked, fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=3))
+    assert not torch.allclose(chunked, fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(3, 20)))
 
 
 def test_chunked_opd_loss_of_an_empty_mask_is_zero_and_differentiable():
@@ -386,7 +417,7 @@ def test_chunked_loss_computes_logits_in_float32_under_autocast():
     reference = trb.opd_loss(hs @ ws.T, ht @ wt.T, mask)
     (expected,) = torch.autograd.grad(reference, hs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=5)
+        loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(5, 500))
     (grad,) = torch.autograd.grad(loss, hs)
     assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
@@ -406,7 +437,7 @@ def test_chunked_loss_with_bf16_heads_matches_float32_and_never_casts_a_whole_he
     reference = trb.opd_loss(hs.float() @ ws.float().T, ht.float() @ wt.float().T, mask)
     expected = torch.autograd.grad(reference, (hs, ws))
     monkeypatch.setattr(fast, "HEAD_BLOCK_ROWS", 64)
-    loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_size=4)
+    loss = fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(4, V))
     grads = torch.autograd.grad(loss, (hs, ws))
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected):  # float32 sums in another order, each rounded once to bf16: 1 ulp apart

@@ -204,7 +204,7 @@ def test_plan_bounds_the_measured_peaks_of_a_reduced_qwen3_run(reduced_qwen3, tm
             "--dtype=bfloat16", "--method=trb", "--eps0=0.1", "--warmup_steps=10", "--batch_size=4",
             "--rollouts_per_prompt=2", "--rollout_batch_size=8", "--micro_batch_size=2", "--max_new_tokens=16",
             "--eval_max_new_tokens=24", "--eval_batch_size=8", "--eval_size=4", "--eval_samples=2", "--eval_every=0",
-            "--max_steps=2", "--checkpoint_every=0", "--shown_problems=0", "--loss_chunk_size=16",
+            "--max_steps=2", "--checkpoint_every=0", "--shown_problems=0", "--loss_chunk_mib=9.3",
             "--max_prompt_tokens=1800", f"--out_dir={tmp_path / 'run'}"]
     cfg = config.load_config(args)
     shapes = {key: memory_plan.Shape(memory_plan.model_config(getattr(cfg, key), cfg, key)[0])

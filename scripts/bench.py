@@ -7,8 +7,9 @@ Benchmarks for trb.py, each figure a ratio measured side by side in one process 
     python -m scripts.bench sampler    # blended_generate vs model.generate on small Qwen3-shaped models
     python -m scripts.bench decode --device=cuda --dtype=bfloat16   # tokens/s at Qwen3 shapes: eager/static/compiled
     python -m scripts.bench engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
+    python -m scripts.bench peer       # a train_small OPD step vs TRL's DistillationTrainer step (scripts/bench_peer.py)
 
-CPU figures use 2 threads (`--threads`). Absolute times mean something only on a GPU; ratios travel.
+CPU figures use 2 threads (`--threads`; peer: 1 per process). Absolute times mean something only on a GPU; ratios travel.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ import torch
 import trb
 from distill import evaluation, fast, memory_plan, models, vllm_engine
 from distill.config import load_config
+from scripts import bench_peer
 
 ROOT = Path(__file__).resolve().parents[1]  # the child processes run `python -m scripts.bench` from here
 
@@ -430,9 +432,9 @@ def engine_greedy(engine, V):
 def main():
     parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine (default: "
+    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine | peer (default: "
                         "the first three on CPU, decode on CUDA)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; peer: 1 per process)")
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
     decode = parser.add_argument_group("decode (python -m scripts.bench decode --device=cuda --dtype=bfloat16)")
@@ -456,9 +458,17 @@ def main():
                         "--pairs' random weights")
     engine.add_argument("--tokens_out", default="", help="write the engine's greedy tokens at eps 0.5 to this JSON "
                         "file")
+    peer = parser.add_argument_group("peer (python -m scripts.bench peer; TRL from requirements-dev.txt)")
+    peer.add_argument("--rounds", type=int, default=4, help="rounds of one fresh process per side, interleaved")
+    peer.add_argument("--steps", type=int, default=6, help="timed steps per process (after one warm-up step)")
+    peer.add_argument("--sides", default="opd,trl,trb", help=f"comma-separated, of {', '.join(bench_peer.SIDES)}")
+    peer.add_argument("--peer_dir", default="runs/bench_peer", help="where the models and prompts are written (kept)")
+    peer.add_argument("--check", type=int, default=1, help="1: also replay TRL's first rollout through train_small "
+                      "and print both losses")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.which = args.which or (["decode"] if cuda else ["solve", "memory", "sampler"])
+    args.threads = args.threads or (1 if args.which[:1] in (["peer"], ["_peer_child"]) else 2)
     args.pairs = args.pairs or ("1.7B:8B" if cuda else "tiny:small")
     args.batch = args.batch or ("16,64" if cuda else "4")
     args.new_tokens = args.new_tokens or ("1024,8192" if cuda else "32")
@@ -467,11 +477,13 @@ def main():
     torch.set_num_threads(args.threads)
     if args.which[:1] == ["_memory_child"]:
         return _peak_memory_child(args.which[1], float(args.which[2]))
+    if args.which[:1] == ["_peer_child"]:
+        return bench_peer.child(args.which[1], args.which[2], int(args.which[3]), int(args.which[4]))
     if args.which[:1] == ["_solve_child"]:
         return _solve_child(int(args.which[1]), int(args.which[2]))
     for name in args.which:
         {"solve": bench_solve, "memory": bench_memory, "sampler": bench_sampler, "decode": bench_decode,
-         "engine": bench_engine}[name](args)
+         "engine": bench_engine, "peer": bench_peer.bench_peer}[name](args)
         print()
 
 

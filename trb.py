@@ -390,7 +390,7 @@ def blended_generate(student, teacher, input_ids, attention_mask, *, eps, max_ne
     columns = []  # per step, a dict of (rows,) tensors: the token and the Rollout fields
     for n in range(1, max_new_tokens + 1):
         # 2. Pick the token: both models' logits at the temperature with one stop event, then the token rule.
-        step_logits = [canonicalise_eos(x / tau, eos_ids) for x in logits]
+        step_logits = [canonicalise_eos(x / tau if tau != 1 else x, eos_ids) for x in logits]  # no copy at tau 1
         teacher_logits = step_logits[1] if use_teacher else None
         step = token_rule(step_logits[0], teacher_logits, eps, uniforms(), decoding.solver_buffers)
         if use_teacher:

@@ -133,11 +133,14 @@ def trl_trainer(folder, setting, steps):
     cfg = our_config(folder, setting, "opd")
     tokenizer, student, teacher = load_pair(folder)
     prompts = [math_data.format_prompt(q, tokenizer, cfg) for q in questions_of(folder)]
+    # transformers 5.25 renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in DistillationConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
     args = DistillationConfig(
         output_dir=str(folder / "trl"), per_device_train_batch_size=setting.prompts, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.grad_clip, optim="adamw_torch", bf16=False, gradient_checkpointing=False,
+        max_grad_norm=cfg.grad_clip, optim="adamw_torch", bf16=False, **{checkpointing: False},
         max_completion_length=setting.new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=1.0,
         generation_kwargs={"min_new_tokens": setting.new_tokens}, shuffle_dataset=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0)

@@ -66,14 +66,15 @@ def test_the_results_page_strength_table_is_plot_strengths_table_of_the_files():
     assert plot_strengths.table(points) in (ROOT / "docs" / "results.md").read_text()
 
 
-def test_the_readme_quotes_the_premise_experiment_file():
-    """The README's sentence on the premise quotes the strength-100 experiment's final held-out KL intervals (teacher
-    warmup - OPD, TRB at the half-gap budget - OPD), and the results page holds its tables verbatim."""
-    folder = ROOT / "docs" / "results" / "premise" / "strength100"
+@pytest.mark.parametrize("strength, trb_arm", [(100, "trb:eps0=0.18:lr=0.002"), (50, "trb:eps0=0.32:lr=0.001")])
+def test_the_readme_quotes_the_premise_experiment_files(strength, trb_arm):
+    """The README's sentence on the premise quotes each strength's final held-out KL intervals (teacher warmup - OPD,
+    TRB at the half-gap budget - OPD), and the results page holds its tables verbatim."""
+    folder = ROOT / "docs" / "results" / "premise" / f"strength{strength}"
     methods = json.loads((folder / "comparison.json").read_text())["methods"]
     by_label = {row["label"]: row for row in methods.values()}
     readme = " ".join((ROOT / "README.md").read_text().split())
-    for label in ("teacher warmup", "trb:eps0=0.18:lr=0.002"):
+    for label in ("teacher warmup", trb_arm):
         assert signed(by_label[label]["vs_opd"]["final_kl"]) in readme
     tables = (folder / "comparison.md").read_text().split("\nHeld-out problem 0")[0].strip()
     assert tables in (ROOT / "docs" / "results.md").read_text()

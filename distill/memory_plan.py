@@ -206,7 +206,10 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
         teacher_out = (tokens + completions) * teacher.hidden * BF16
         chunk = min(fast.chunk_rows(cfg.loss_chunk_mib, V), completions)
         loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
+                + completions * student.hidden * FP32  # their gradient, made in the forward (fast.FusedChunkedKL)
                 + (chunk + fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
+        # the student head's gradient, summed over the chunks in the loss forward itself
+        forward_head_gradient = V * student.hidden * (BF16 if fsdp else FP32)
         if teacher_sharded:
             loss += BF16 * V * teacher.hidden  # the gathered teacher head, copied for the loss's backward
         # the student head's gradient in its weight's dtype: the chunks' sum and the newest chunk's (a tied head's
@@ -215,7 +218,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     else:
         teacher_out = tokens * V * (BF16 + FP32)  # logits and their float32 log-softmax
         loss = tokens * V * (BF16 + 3 * FP32)  # student logits, float32 log-softmax, probabilities, gradient
-        head_gradient = 0  # inside the student's gradients: no chunks to sum
+        head_gradient = forward_head_gradient = 0  # inside the student's gradients: no chunks to sum
     both = {
         # FSDP: the root unit stays gathered, decoder layers gathered one (plus one prefetched) at a time; gradients
         # accumulate unsharded in fp32 until the last micro-batch's reduce-scatter
@@ -231,7 +234,8 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     casts = 0 if fsdp else BF16 * (student.decoder_params + student.head_params)
     saved_casts = 0 if fsdp or cfg.activation_checkpointing else BF16 * student.decoder_params
     loss_forward = {**both, "activations (student)": activations["loss forward"],
-                    "student weights cast by autocast (bf16)": casts}
+                    "student weights cast by autocast (bf16)": casts,
+                    "student head gradient, made in the loss forward": forward_head_gradient}
     loss_backward = {**both, "activations (student)": activations["loss backward"],
                      "student weights cast by autocast (bf16)": saved_casts,
                      "student head gradient beyond the loss buffers": head_gradient}

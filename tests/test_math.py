@@ -378,6 +378,27 @@ def test_chunked_opd_loss_equals_dense(topk):
                                    dense, **close)
 
 
+def test_chunked_opd_loss_computes_each_chunks_logits_once(monkeypatch):
+    """With gradients, forward and backward together project each chunk through each head once (FusedChunkedKL makes
+    the gradients in the forward pass; checkpointing would project both heads again in backward), and backward()
+    leaves the same gradients as a second, separate forward and backward."""
+    calls = []
+    head_logits = fast.head_logits
+    monkeypatch.setattr(fast, "head_logits", lambda h, w: calls.append(h.shape[0]) or head_logits(h, w))
+    g = torch.Generator().manual_seed(3)
+    hs = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    ws = torch.randn(40, 8, generator=g, requires_grad=True)
+    ht, wt = torch.randn(2, 9, 6, generator=g), torch.randn(40, 6, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(5, 40)).backward()
+    assert calls == [5, 5, 5, 5, 5, 5, 3, 3]  # 18 positions: chunks of 5, 5, 5, 3, each through both heads once
+    first = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    (3 * fast.chunked_opd_loss(hs, ws, ht, wt, mask, chunk_mib=rows_mib(5, 40))).backward()  # backward scales
+    torch.testing.assert_close(hs.grad, 3 * first[0])
+    torch.testing.assert_close(ws.grad, 3 * first[1])
+
+
 def test_chunked_opd_loss_canonicalises_eos():
     """With several EOS ids, chunked_opd_loss equals opd_loss on canonicalised logits, in value and gradients."""
     g = torch.Generator().manual_seed(8)

@@ -276,7 +276,7 @@ def _sample(log_probs, u):
 
 def blend_token_rule(student_logits, teacher_logits, eps, u, buffers=None):
     """The default token rule: beta* (E4) per row (buffers: solve_beta's), a draw from mu_beta* (E3); no teacher: pi_S.
-    u: None (greedy) or (draws, B) uniforms in [0, 1), one per draw and row. Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
+    u: None (greedy) or (draws, B) U[0, 1). Returns (B,) token, beta, behavior_logprobs, realised_kl, replaced."""
     log_ps = torch.log_softmax(student_logits, dim=-1)  # (B, V)
     if teacher_logits is None:
         beta = torch.zeros_like(log_ps[:, 0])  # (B,)

@@ -189,9 +189,9 @@ def chunked_opd_loss(student_hidden, student_head_weight, teacher_hidden, teache
     without ever holding the (B, T, V) logits. Masked-in positions are gathered (n, H), processed chunk_rows(chunk_mib,
     V) at a time, so one chunk's float32 logits take at most chunk_mib MiB whatever V, T and B are; with gradients,
     each chunk's are made in the same pass (FusedChunkedKL), so peak extra memory is a few such buffers (memory_plan's
-    LOSS_CHUNK_BUFFERS) and the student head's gradient. student_hidden (B, T, Hs), student_head_weight (V, Hs); the teacher's hidden size Ht may
-    differ. eos_ids: with several, both models' logits are canonicalised (trb.canonicalise_eos) per chunk, as
-    opd_loss's callers do to the logits they pass.
+    LOSS_CHUNK_BUFFERS) and the student head's gradient. student_hidden (B, T, Hs), student_head_weight (V, Hs); the
+    teacher's hidden size Ht may differ. eos_ids: with several, both models' logits are canonicalised
+    (trb.canonicalise_eos) per chunk, as opd_loss's callers do to the logits they pass.
     """
     if mask.dtype != torch.bool or topk < 0 or not chunk_mib > 0:
         raise ValueError(f"need a bool mask, topk >= 0 and chunk_mib > 0, got {mask.dtype}, {topk}, {chunk_mib}")

@@ -200,11 +200,11 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
     else:
         activations = dict.fromkeys(("loss forward", "loss backward"), student.layers * per_layer + final_norm)
     completions = micro_rows * cfg.max_new_tokens  # the positions the loss reads
+    chunk = min(fast.chunk_rows(cfg.loss_chunk_mib, V), completions)  # positions of one chunk of the chunked loss
     if cfg.chunked_loss:
         # the teacher's final hidden state (all positions: the loss's completion positions are a view of it), and
         # its completion rows gathered
         teacher_out = (tokens + completions) * teacher.hidden * BF16
-        chunk = min(fast.chunk_rows(cfg.loss_chunk_mib, V), completions)
         loss = (LOSS_CHUNK_BUFFERS * chunk * V * FP32 + completions * student.hidden * FP32  # the student's rows
                 + completions * student.hidden * FP32  # their gradient, made in the forward (fast.FusedChunkedKL)
                 + (chunk + fast.HEAD_BLOCK_ROWS) * max(student.hidden, teacher.hidden) * FP32)  # head blocks
@@ -272,7 +272,7 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
                   "weight sync: one parameter gathered": sync}
         rollout = evaluation = engine
         loss_forward["rollout diagnostics from the loss forward"] = (
-            DIAGNOSTIC_BUFFERS * min(fast.chunk_rows(cfg.loss_chunk_mib, V), micro_rows * cfg.max_new_tokens) * V * FP32)
+            DIAGNOSTIC_BUFFERS * chunk * V * FP32)
     moments = dict(zip(MOMENTS, ({**rest, **extra} for extra in ({}, rollout, loss_forward, loss_backward, optimizer,
                                                                  evaluation))))
     engine_short = cfg.engine == "vllm" and BF16 * (Ns + Nt) >= fraction * gpu_gib * GiB

@@ -7,9 +7,10 @@ Benchmarks for trb.py, each figure a ratio measured side by side in one process 
     python -m scripts.bench sampler    # blended_generate vs model.generate on small Qwen3-shaped models
     python -m scripts.bench decode --device=cuda --dtype=bfloat16   # tokens/s at Qwen3 shapes: eager/static/compiled
     python -m scripts.bench engine     # the vLLM engine vs blended_generate, tokens/s (in .venv-vllm; CPU: tiny shapes)
-    python -m scripts.bench peer       # a train_small OPD step vs TRL's DistillationTrainer step (scripts/bench_peer.py)
+    python -m scripts.bench peer       # a train_small OPD step vs TRL's DistillationTrainer step (bench_peer.py)
 
-CPU figures use 2 threads (`--threads`; peer: 1 per process). Absolute times mean something only on a GPU; ratios travel.
+CPU figures use 2 threads (`--threads`; peer: 1 per process). Absolute times mean something only on a GPU; ratios
+travel.
 """
 import argparse
 import json
@@ -160,7 +161,8 @@ def bench_memory(args):
     print(f"  dense logits                  {dense['extra_mib']:8.0f} MiB   loss {dense['loss']:.6f}")
     for (mode, chunk), row in results.items():
         if mode == "chunked":
-            print(f"  chunked, {chunk:5g} MiB ({fast.chunk_rows(chunk, 151936):4d} rows)  {row['extra_mib']:8.0f} MiB   "
+            rows = fast.chunk_rows(chunk, 151936)
+            print(f"  chunked, {chunk:5g} MiB ({rows:4d} rows)  {row['extra_mib']:8.0f} MiB   "
                   f"loss {row['loss']:.6f}   "
                   f"= {row['extra_mib'] / dense['extra_mib']:.3f} of dense")
     return results

@@ -152,7 +152,8 @@ def trl_trainer(folder, setting, steps):
     def recording(model, inputs, *args, **kwargs):
         loss = compute_loss(model, inputs, *args, **kwargs)
         trainer.seen.append(dict(tokens=int(inputs["completion_mask"].sum()), loss=loss.item(),
-                                 prompt_ids=inputs["prompt_ids"].clone(), completion_ids=inputs["completion_ids"].clone()))
+                                 prompt_ids=inputs["prompt_ids"].clone(),
+                                 completion_ids=inputs["completion_ids"].clone()))
         return loss
     trainer.compute_loss = recording
     return trainer
@@ -258,7 +259,8 @@ def bench_peer(args, setting=None):
             results[side]["tokens"] += [n for _, n, _ in row["steps"]]
             results[side]["losses"] += [loss for _, _, loss in row["steps"]]
             results[side]["peaks"].append(row["peak_mib"])
-            print(f"  round {round_ + 1}/{args.rounds} {side:9s} median {statistics.median(t for t, _, _ in row['steps']):6.2f} "
+            median = statistics.median(t for t, _, _ in row["steps"])
+            print(f"  round {round_ + 1}/{args.rounds} {side:9s} median {median:6.2f} "
                   f"s/step, peak RSS {row['peak_mib']:7.0f} MiB, {row['threads']} thread(s)", flush=True)
     print(f"\nOne step, {setting.prompts} prompts x {setting.prompt_tokens} tokens, one {setting.new_tokens}-token "
           f"completion each, V={setting.vocab}, float32, {args.threads} thread(s); {args.rounds} rounds x "
@@ -269,15 +271,13 @@ def bench_peer(args, setting=None):
         print(f"  {SIDES[side]:50s} {statistics.median(times):9.2f} ({min(times):.2f}-{max(times):.2f})      "
               f"{statistics.median(peaks):8.0f} ({min(peaks):.0f}-{max(peaks):.0f}) MiB "
               f"{statistics.median(r['tokens']):10.0f}")
-    if "trl" in results:
-        trl = results["trl"]
-        for side in (s for s in results if s != "trl"):
-            r = results[side]
-            print(f"  {side} / TRL: time {statistics.median(r['times']) / statistics.median(trl['times']):.2f}x, "
-                  f"peak {statistics.median(r['peaks']) / statistics.median(trl['peaks']):.2f}x")
-    if "opd" in results and "trb" in results:
-        print(f"  TRB warmup / OPD: time {statistics.median(results['trb']['times']) / statistics.median(results['opd']['times']):.2f}x, "
-              f"peak {statistics.median(results['trb']['peaks']) / statistics.median(results['opd']['peaks']):.2f}x")
+    def ratio(side, to, key):  # median of side over median of to
+        return statistics.median(results[side][key]) / statistics.median(results[to][key])
+    pairs = [(side, "trl", f"{side} / TRL") for side in results if side != "trl" and "trl" in results]
+    if "trb" in results and "opd" in results:
+        pairs.append(("trb", "opd", "TRB warmup / OPD"))
+    for side, to, name in pairs:
+        print(f"  {name}: time {ratio(side, to, 'times'):.2f}x, peak {ratio(side, to, 'peaks'):.2f}x")
     if "trl" in results and args.check:
         torch.set_num_threads(args.threads)
         (trl_loss, trl_tokens), (our_loss, our_tokens) = replay_loss(folder, setting)

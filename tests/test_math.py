@@ -328,8 +328,8 @@ def rows_mib(rows, V):
     return rows * V * 4 / 2 ** 20
 
 
-@pytest.mark.parametrize("V, mib, rows", [(151936, 64, 110), (151936, 0.25, 1), (262144, 1, 1), (33, rows_mib(4, 33), 4),
-                                          (248320, 64, 67), (32000, 593.5, 4861)])
+@pytest.mark.parametrize("V, mib, rows", [(151936, 64, 110), (151936, 0.25, 1), (262144, 1, 1),
+                                          (33, rows_mib(4, 33), 4), (248320, 64, 67), (32000, 593.5, 4861)])
 def test_chunk_rows_keep_one_chunks_float32_logits_within_the_budget(V, mib, rows):
     """chunk_rows: the most float32 logit rows of width V within mib MiB, and one where a single row is over it."""
     assert fast.chunk_rows(mib, V) == rows

@@ -1,6 +1,7 @@
 """
 Qwen3's tokenizer as the tests, benchmarks and the GPU check need it offline: its size (151,669 entries) and special
 ids, built without a download. The stop ids of Base and chat models differ, which is what the EOS merging is about.
+And the small random-weight Qwen3 models of the CPU benchmarks.
 """
 BASE_EOS, CHAT_EOS = 151643, 151645  # Qwen3: <|endoftext|> (Base models, and pad), <|im_end|> (chat models)
 QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|special_{i}|>" for i in range(21)] + [
@@ -29,3 +30,20 @@ def qwen3_sized_tokenizer(eos_token, chat_template=True):
     tokenizer.chat_template = QWEN3_TEMPLATE if chat_template else None
     assert len(tokenizer) == 151669 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
     return tokenizer
+
+
+def random_qwen3(vocab, hidden, layers, seed, tied=False, eos=None, init_range=0.02):
+    """
+    A random-weight Qwen3ForCausalLM of the given width and depth, laid out as Qwen3's are (4 query and 2 key-value
+    heads of hidden / 4, an MLP 3 x hidden wide), for the CPU benchmarks. eos: the stop id, which also becomes the pad
+    id (as in Qwen3's Base models); None keeps the config's defaults. The weights depend on seed alone.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    stop_ids = {} if eos is None else dict(pad_token_id=eos, eos_token_id=eos, bos_token_id=None)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=1024, tie_word_embeddings=tied, initializer_range=init_range,
+                         **stop_ids)
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)

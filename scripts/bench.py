@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 import trb
-from distill import evaluation, fast, memory_plan, models, vllm_engine
+from distill import evaluation, fast, memory_plan, models, qwen3, vllm_engine
 from distill.config import load_config
 from scripts import bench_peer
 
@@ -168,13 +168,10 @@ def bench_memory(args):
     return results
 
 
-def qwen3_shaped(layers, vocab=4096, hidden=256, seed=0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=1024, initializer_range=0.1)
-    return Qwen3ForCausalLM(config).eval()
+def qwen3_shaped(layers, seed):
+    """bench_sampler's models: 4,096 entries, 256 wide, weights drawn wider than the default (std 0.1) so that
+    their next-token distributions are far from uniform."""
+    return qwen3.random_qwen3(4096, 256, layers, seed, init_range=0.1).eval()
 
 
 @torch.no_grad()

@@ -51,16 +51,6 @@ class Setting:
     new_tokens: int = 64
 
 
-def qwen3_model(vocab, hidden, layers, tied, seed):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=1024, tie_word_embeddings=tied, pad_token_id=qwen3.BASE_EOS,
-                         eos_token_id=qwen3.BASE_EOS, bos_token_id=None)
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
-
-
 def write_setting(folder, setting, steps):
     """student/, teacher/ (each with the tokenizer, grown to the heads' width) and questions.json under folder, made
     once per setting and kept (a changed setting writes them anew)."""
@@ -73,7 +63,7 @@ def write_setting(folder, setting, steps):
     assert len(tokenizer) == setting.vocab
     for name, hidden, layers, tied, seed in (("student", setting.student_hidden, setting.student_layers, True, 1),
                                              ("teacher", setting.teacher_hidden, setting.teacher_layers, False, 2)):
-        qwen3_model(setting.vocab, hidden, layers, tied, seed).save_pretrained(folder / name)
+        qwen3.random_qwen3(setting.vocab, hidden, layers, seed, tied, qwen3.BASE_EOS).save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
     # format_prompt with an empty system prompt writes "\n\n{question}\n": 3 tokens around the question
     width = setting.prompt_tokens - 3

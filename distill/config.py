@@ -354,6 +354,26 @@ def parse_flags(argv, flags, usage_line):
     return SimpleNamespace(**values)
 
 
+def script_options(argv, defaults):
+    """A script's own --name=value arguments, the names in defaults, apart from the others (config overrides for
+    load_config): ({name: its raw value, else the default}, the other arguments in order)."""
+    found, rest = dict(defaults), []
+    for arg in argv:
+        name, _, value = arg[2:].partition("=")
+        if arg.startswith("--") and name in defaults:
+            found[name] = value
+        else:
+            rest.append(arg)
+    return found, rest
+
+
+def positive_int(flag, raw):
+    """raw as an integer >= 1; anything else stops with one line naming flag."""
+    if not (raw.isdigit() and int(raw) >= 1):
+        die(f"{flag}: expected a positive integer, got {raw!r}")
+    return int(raw)
+
+
 def load_config(argv):
     """
     config.yaml's defaults, then --config=PATH's keys on top of them (a file holds only what it changes), then the

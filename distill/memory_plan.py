@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from distill import fast, models, synthetic_task
-from distill.config import die
+from distill.config import die, positive_int, script_options
 
 GiB = 1024 ** 3
 BF16, FP32 = 2, 4
@@ -287,16 +287,8 @@ def plan(cfg, world_size=1, gpu_gib=80, student=None, teacher=None):
 def options(argv, **defaults):
     """({name: value} of the --world_size=N and --gpu_gib=N among argv, each a positive integer, else its default;
     the other arguments)."""
-    found, rest = dict(defaults), []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg.startswith("--") and name in defaults:
-            if not value.isdigit() or int(value) < 1:
-                die(f"{name}: expected a positive integer, got {value!r}")
-            found[name] = int(value)
-        else:
-            rest.append(arg)
-    return found, rest
+    given, rest = script_options(argv, dict.fromkeys(defaults))
+    return {name: defaults[name] if raw is None else positive_int(f"--{name}", raw) for name, raw in given.items()}, rest
 
 
 def report(cfg, world, gpu_gib):

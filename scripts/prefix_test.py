@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import train_small
 from distill import compare, evaluation, models
-from distill.config import die, load_config, usage
+from distill.config import die, load_config, positive_int, script_options, usage
 from scripts import probe_budget
 
 DEFAULTS = {"arms": "0,inf", "updates": "20", "repeats": "32", "eval_problems": "200", "samples": "2",
@@ -67,18 +67,9 @@ ENDPOINTS = (("held_out_kl", "held-out KL", False), ("reference_logprob", "refer
 def options(argv):
     """(arms, updates, repeats, eval_problems, samples, out, the other arguments: the config's). An arm that is not a
     number >= 0, an empty list, or a count that is not a positive integer stops with one line naming the option."""
-    found, rest = dict(DEFAULTS), []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg.startswith("--") and "=" in arg and name in found:
-            found[name] = value
-        else:
-            rest.append(arg)
-    counts = {}
-    for name in ("updates", "repeats", "eval_problems", "samples"):
-        if not (found[name].isdigit() and int(found[name]) >= 1):
-            die(f"--{name}: expected a positive integer, got {found[name]!r}")
-        counts[name] = int(found[name])
+    found, rest = script_options(argv, DEFAULTS)
+    counts = {name: positive_int(f"--{name}", found[name])
+              for name in ("updates", "repeats", "eval_problems", "samples")}
     if not found["out"].strip():
         die("--out: empty (a folder for prefix_test.md and prefix_test.json)")
     return parse_arms(found["arms"]), *counts.values(), Path(found["out"]), rest

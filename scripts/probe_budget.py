@@ -28,7 +28,7 @@ import torch
 import train_small
 import trb
 from distill import evaluation, math_data, models
-from distill.config import die, load_config, usage
+from distill.config import die, load_config, positive_int, script_options, usage
 
 DEFAULT_GRID = "0,0.005,0.02,0.05,0.1,0.2,0.5,1,2,5,inf"
 
@@ -36,18 +36,10 @@ DEFAULT_GRID = "0,0.005,0.02,0.05,0.1,0.2,0.5,1,2,5,inf"
 def options(argv):
     """(eps grid ascending, rows or None, the other arguments: the config's). A grid value that is not a number >= 0,
     an empty grid or rows that are not a positive integer stop with one line naming the option."""
-    found, rest = {"eps_grid": DEFAULT_GRID, "rows": None}, []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg.startswith("--") and "=" in arg and name in found:
-            found[name] = value
-        else:
-            rest.append(arg)
+    found, rest = script_options(argv, {"eps_grid": DEFAULT_GRID, "rows": None})
     grid = {0.0, math.inf, *budgets(found["eps_grid"], "--eps_grid")}
-    rows = found["rows"]
-    if rows is not None and not (rows.isdigit() and int(rows) >= 1):
-        die(f"--rows: expected a positive integer, got {rows!r}")
-    return sorted(grid), int(rows) if rows else None, rest
+    rows = None if found["rows"] is None else positive_int("--rows", found["rows"])
+    return sorted(grid), rows, rest
 
 
 def budgets(text, option):

@@ -172,3 +172,20 @@ def test_synthetic_task_larger_than_its_problem_space_is_refused(capsys):
         synthetic_task.splits(cfg)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "train_size" in lines[0] and "81" in lines[0], lines
+
+
+def test_a_scripts_own_options_are_split_from_the_config_overrides(capsys):
+    """script_options takes the names it is given (with or without a value) and passes everything else on in order;
+    positive_int stops with one line naming the flag. memory_plan.options, the plan's --world_size and --gpu_gib, on
+    top of both."""
+    from distill import memory_plan
+    found, rest = config.script_options(["--seed=3", "--rows=8", "--lr", "--eps", "x"], {"rows": None, "eps": "1"})
+    assert (found, rest) == ({"rows": "8", "eps": ""}, ["--seed=3", "--lr", "x"])
+    assert config.positive_int("--rows", "12") == 12
+    assert memory_plan.options(["--gpu_gib=40", "--seed=1"], world_size=8, gpu_gib=80) == (
+        {"world_size": 8, "gpu_gib": 40}, ["--seed=1"])
+    for raw in ("0", "-1", "2.5", "", "x"):
+        with pytest.raises(SystemExit) as stop:
+            memory_plan.options([f"--world_size={raw}"], world_size=8, gpu_gib=80)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip() == f"error: --world_size: expected a positive integer, got {raw!r}"

@@ -11,15 +11,22 @@ from distill import config  # noqa: E402
 from scripts import gpu_check  # noqa: E402
 
 
-def test_training_parts_are_valid_configs(qwen3_folders, tmp_path):
-    """The arguments the train and fsdp parts pass load as a config of the 1.7B <- 8B preset with every override
-    (prompt-only training data, 512 new tokens, a TRB warmup), so no GPU minute is spent on a config error."""
+def models_folder(qwen3_folders, tmp_path):
+    """The folder the GPU check writes its models and data to, as the training parts read it: the Qwen3-sized student
+    and teacher linked in, and empty prompt and evaluation files."""
     models = tmp_path / "models"
     models.mkdir()
     for name in ("student", "teacher"):
         (models / name).symlink_to(qwen3_folders / name)
     for name in ("prompts.jsonl", "eval.jsonl"):
         (models / name).write_text("")
+    return models
+
+
+def test_training_parts_are_valid_configs(qwen3_folders, tmp_path):
+    """The arguments the train and fsdp parts pass load as a config of the 1.7B <- 8B preset with every override
+    (prompt-only training data, 512 new tokens, a TRB warmup), so no GPU minute is spent on a config error."""
+    models = models_folder(qwen3_folders, tmp_path)
     cfg = config.load_config(gpu_check.run_args(models, tmp_path / "out"))
     assert (cfg.method, cfg.max_steps, cfg.max_new_tokens, cfg.eps0 > 0) == ("trb", 2, 512, True)
 
@@ -36,12 +43,7 @@ def test_without_a_gpu_it_reports_and_exits_cleanly(tmp_path):
 def test_the_engine_training_part_is_a_valid_config_and_the_parts_fit_eight_minutes(qwen3_folders, tmp_path):
     """The engine training step's arguments load (engine vllm, 1 step, the fraction from the memory plan), and the
     parts' time limits add up to under 8 minutes."""
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("student", "teacher"):
-        (models / name).symlink_to(qwen3_folders / name)
-    for name in ("prompts.jsonl", "eval.jsonl"):
-        (models / name).write_text("")
+    models = models_folder(qwen3_folders, tmp_path)
     cfg = config.load_config([*gpu_check.run_args(models, tmp_path / "out"), "--engine=vllm", "--max_steps=1"])
     assert (cfg.engine, cfg.max_steps, cfg.vllm_gpu_memory_utilization) == ("vllm", 1, 0)
     assert sum(gpu_check.LIMITS.values()) < 8 * 60

@@ -431,8 +431,8 @@ def engine_greedy(engine, V):
 def main():
     parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine | peer (default: "
-                        "the first three on CPU, decode on CUDA)")
+    parser.add_argument("which", nargs="*", default=None, help="solve | memory | sampler | decode | engine | peer "
+                        "(default: the first three on CPU, decode on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; peer: 1 per process)")
     parser.add_argument("--runs", type=int, default=5, help="outer runs; the median ratio is reported")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")

@@ -236,7 +236,7 @@ def bench_peer(args, setting=None):
         print("TRL is not installed (pip install -r requirements-dev.txt): its side is skipped")
         sides.remove("trl")
     folder = write_setting(Path(args.peer_dir), setting, args.steps + 1)
-    results = {side: dict(times=[], tokens=[], peaks=[], losses=[]) for side in sides}
+    results = {side: dict(times=[], tokens=[], peaks=[]) for side in sides}
     for round_ in range(args.rounds):
         for side in sides:
             out = subprocess.run([sys.executable, "-m", "scripts.bench", "_peer_child", side, str(folder),
@@ -247,7 +247,6 @@ def bench_peer(args, setting=None):
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results[side]["times"] += [t for t, _, _ in row["steps"]]
             results[side]["tokens"] += [n for _, n, _ in row["steps"]]
-            results[side]["losses"] += [loss for _, _, loss in row["steps"]]
             results[side]["peaks"].append(row["peak_mib"])
             median = statistics.median(t for t, _, _ in row["steps"])
             print(f"  round {round_ + 1}/{args.rounds} {side:9s} median {median:6.2f} "
